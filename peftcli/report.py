@@ -1,0 +1,154 @@
+"""The run report: report.json for programs, report.md and loss.png for people."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("peftcli", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "gpu": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_memory() -> dict:
+    """Peak GPU memory allocated by torch on CUDA; else the process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "cpu_max_rss"
+    return {"peak_bytes": peak, "peak_gib": round(peak / 2**30, 3), "measure": kind}
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write(report: dict, json_path: Path, md_path: Path, plot_path: Path) -> None:
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    has_plot = plot_loss(report, plot_path)
+    md_path.write_text(to_markdown(report, plot_path.name if has_plot else None))
+
+
+def plot_loss(report: dict, path: Path) -> bool:
+    losses = report["training"]["loss_history"]
+    if not losses:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], label="train loss")
+    evals = report["eval"]["history"]
+    if evals:
+        ax.plot([p["step"] for p in evals], [p["loss"] for p in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(report["name"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def to_markdown(report: dict, plot_name: str | None) -> str:
+    params, training, ev, mem = report["params"], report["training"], report["eval"], report["memory"]
+    rows = [
+        ("status", report["status"]),
+        ("base model", report["model"]["base"]),
+        ("method", report["method"]["name"]),
+        ("trainable parameters", f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)"),
+        ("steps", f"{training['steps']} ({training['epochs']:.2f} epochs)"),
+        ("tokens trained", f"{training['tokens']:,}"),
+        ("tokens/s", f"{training['tokens_per_s']:,.1f}"),
+        ("final train loss", _fmt(training["final_loss"])),
+        ("eval loss: base → trained", f"{_fmt(ev['base_loss'])} → {_fmt(ev['loss'])}"),
+        ("eval perplexity: base → trained", f"{_fmt(ev['base_perplexity'])} → {_fmt(ev['perplexity'])}"),
+        ("wall time", f"{report['wall_time_s']:.1f} s"),
+        (f"peak memory ({mem['measure']})", f"{mem['peak_gib']:.3f} GiB"),
+        ("adapter size", f"{report['artifacts']['adapter_bytes']:,} bytes"),
+        ("hardware", report["hardware"]["gpu"] or report["hardware"]["cpu"]),
+        ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
+    ]
+    data = report["data"]["train"]
+    lines = [f"# Run report: {report['name']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Data", "",
+              f"{data['examples']:,} training examples from {data['rows']:,} rows "
+              f"({data['truncated']} truncated at max_length, {data['dropped_no_target']} dropped with no target "
+              f"token), {data['target_tokens']:,} target tokens per epoch."]
+    if plot_name:
+        lines += ["", "## Loss", "", f"![loss]({plot_name})"]
+    lines += ["", "The adapter is in `adapter/`; load it with "
+              "`peft.PeftModel.from_pretrained(base_model, \"adapter\")`.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def model_card(report: dict) -> str:
+    """The adapter's README.md: what it is, how it was trained and how to load it."""
+    method, params, ev = report["method"], report["params"], report["eval"]
+    settings = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    return "\n".join([
+        "---", "library_name: peft", "tags: [peftcli, " + method["name"] + "]", "---", "",
+        f"# {report['name']}", "",
+        f"A {method['name']} adapter for `{report['model']['base']}`, trained with peftcli.", "",
+        f"- method: {method['name']} ({settings})",
+        f"- trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)",
+        f"- steps: {report['training']['steps']}, tokens: {report['training']['tokens']:,}",
+        f"- eval loss: base {_fmt(ev['base_loss'])} → adapter {_fmt(ev['loss'])}", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from peft import PeftModel",
+        "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
+        "model = PeftModel.from_pretrained(base, \"adapter\")",
+        "```", ""])

@@ -1,0 +1,97 @@
+"""Shared fixtures: the CLI run in-process, a tiny recipe in a temporary folder, one trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
+os.environ.setdefault("COLUMNS", "200")  # rich wraps at the terminal width; keep messages on one line
+
+from typer.testing import CliRunner  # noqa: E402
+
+from peftcli.cli import app, quiet_libraries  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+quiet_libraries()
+
+
+class Result:
+    def __init__(self, result):
+        self.code = result.exit_code
+        self.output = result.output  # stdout and stderr, interleaved
+
+    def __repr__(self):
+        return f"<exit {self.code}>\n{self.output}"
+
+
+@pytest.fixture
+def peft():
+    """Run `peft ARGS...` in this process; returns exit code and everything it printed."""
+    runner = CliRunner()
+
+    def invoke(*args):
+        return Result(runner.invoke(app, [str(a) for a in args]))
+
+    return invoke
+
+
+def tiny_recipe(**sections) -> dict:
+    """The smallest useful recipe: tiny GPT-2, LoRA on its attention, a few steps."""
+    recipe = {
+        "name": "t",
+        "model": {"base": "builtin:tiny-gpt2"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+        "data": {"train": str(ROOT / "recipes" / "data" / "tiny.jsonl"), "format": "alpaca", "max_length": 256},
+        "train": {"max_steps": 3, "batch_size": 4, "logging_steps": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe (dict or text) into tmp_path and return its path."""
+
+    def write(recipe: dict | str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One real training run of the tiny recipe, shared by the tests that read its outputs."""
+    from peftcli.recipe import validate_recipe
+    from peftcli.rundir import RunDir
+    from peftcli.train import build_plan, run_training
+    from rich.console import Console
+
+    root = tmp_path_factory.mktemp("run")
+    recipe = validate_recipe(tiny_recipe(data={"eval_fraction": 0.25}, train={"max_steps": 8, "lr": 3e-3}),
+                             base_dir=ROOT)
+    recipe.output_dir = str(root / "out")
+    plan = build_plan(recipe)
+    report = run_training(plan, RunDir(Path(recipe.output_dir)), resume=False, console=Console(quiet=True))
+    return plan, report, RunDir(Path(recipe.output_dir))
+
+
+def no_traceback(output: str) -> bool:
+    return "Traceback" not in output
+
+
