@@ -169,7 +169,9 @@ TINY_VOCAB = 1024
 # The tiny ones are for tests and CI; the Llama-3.2-1B / 3.1-8B shapes are the standard
 # speed workload's (../shared/bench/WORKLOAD.md) and are stored in bfloat16.
 RANDOM_MODELS = {
-    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024)),
+    # Dropout off in the base: runs are then deterministic across batch splits and processes.
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0)),
     "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=1024)),
     "llama-1b-random": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
