@@ -74,8 +74,10 @@ def train(recipe: RecipeArg, set_: SetOption = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in the output directory")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in the output directory")] = False,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="build model, adapter and data, print the plan, do not train")] = False,
+          gpus: Annotated[int, typer.Option("--gpus", min=1, help="train on N GPUs of this machine (torchrun; see distributed.strategy)")] = 1,
           debug: DebugOption = False):
     """Train an adapter from a recipe; writes the adapter, the report and checkpoints to a run directory."""
+    from peftcli import distributed
     from peftcli.recipe import load_recipe
     from peftcli.rundir import check_output_dir, clear_previous_run
     from peftcli.train import build_plan, describe, run_training
@@ -84,15 +86,20 @@ def train(recipe: RecipeArg, set_: SetOption = None,
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     run = check_output_dir(Path(resolved.output_dir), overwrite=overwrite, resume=resume)
+    if gpus > 1 and distributed.world_size() == 1:
+        return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
+    main = distributed.is_main_process()
     with console.status("loading model and data"):
         plan = build_plan(resolved)
-    console.print(display.plan_table(describe(plan)))
+    if main:
+        console.print(display.plan_table(describe(plan)))
     if dry_run:
         return
-    if overwrite:
+    if overwrite and main:
         clear_previous_run(run)
     report = run_training(plan, run, resume=resume, console=console)
-    console.print(display.report_table(report, str(run.report_md)))
+    if main:
+        console.print(display.report_table(report, str(run.report_md)))
 
 
 @app.command()
