@@ -41,6 +41,7 @@ class AdapterSource:
     load_in_4bit: bool = False  # QLoRA: training saw the base in 4-bit
     quant_type: str = "nf4"
     trust_remote_code: bool = False
+    trained_on: str | None = None  # the base the adapter names itself (its run's recipe or its config), if any
 
     @property
     def peft_type(self) -> str:
@@ -73,6 +74,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     config = read_adapter_config(adapter_dir)
     check_weights(adapter_dir)
     training = _run_model_section(run_dir) if run_dir else {}
+    trained_on = training["base"] if run_dir else config.get("base_model_name_or_path")
     if base is not None:
         found, origin = _resolve_base_option(base), "--base"
     else:
@@ -81,7 +83,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         adapter_dir=adapter_dir, config=config, base=found, base_origin=origin, run_dir=run_dir,
         recipe_text=(run_dir / RUN_RECIPE).read_text() if run_dir else None,
         load_in_4bit=bool(training.get("load_in_4bit")), quant_type=training.get("quant_type", "nf4"),
-        trust_remote_code=bool(training.get("trust_remote_code")))
+        trust_remote_code=bool(training.get("trust_remote_code")), trained_on=trained_on or None)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -165,14 +167,21 @@ def load_base(source: AdapterSource, *, dtype, device: str, four_bit: bool = Fal
                         hint="pass the base model with --base MODEL") from err
 
 
-def attach(model, source: AdapterSource):
-    """`model` with the trained adapter loaded for inference; an adapter that does not fit is an error."""
-    from peft import PeftModel
+def attach(model, source: AdapterSource, adapter_name: str = "default", mixed: bool = False):
+    """`model` with the trained adapter loaded for inference under `adapter_name`, beside those a peft
+    model already holds (`mixed`: in a PeftMixedModel, which holds adapters of different methods);
+    an adapter that does not fit is an error."""
+    from peft import PeftMixedModel, PeftModel
 
+    check_fits(model, source)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = PeftModel.from_pretrained(model, str(source.adapter_dir), is_trainable=False)
+            if isinstance(model, (PeftModel, PeftMixedModel)):
+                model.load_adapter(str(source.adapter_dir), adapter_name=adapter_name, is_trainable=False)
+            else:
+                model = (PeftMixedModel if mixed else PeftModel).from_pretrained(
+                    model, str(source.adapter_dir), adapter_name=adapter_name, is_trainable=False)
         except (ValueError, RuntimeError, KeyError) as err:
             raise UserError(f"the adapter does not fit the base model {source.base}: {_first_line(err)}",
                             where=str(source.adapter_dir),
@@ -182,6 +191,37 @@ def attach(model, source: AdapterSource):
         raise UserError(f"the adapter's weights do not match its config: {missing[0][:300]}",
                         where=str(source.adapter_dir / ADAPTER_WEIGHTS), hint="train or save the adapter again")
     return model.eval()
+
+
+def check_fits(model, source: AdapterSource) -> None:
+    """Before attaching: the base the adapter was trained on and the loaded one must share the
+    architecture, widths, depth and vocabulary. Unchecked when the adapter names no base, names
+    the loaded one, or names one whose config cannot be read here (peft's own checks remain)."""
+    if source.trained_on is None or source.trained_on == source.base:
+        return
+    try:
+        trained = shape_of(models.load_config(source.trained_on, source.trust_remote_code))
+    except UserError:
+        return
+    loaded = shape_of(getattr(model, "get_base_model", lambda: model)().config)
+    differ = [key for key in trained if trained[key] != loaded[key]]
+    if differ:
+        raise UserError(f"the adapter was trained on {source.trained_on} ({describe_shape(trained)}), and the base "
+                        f"model {source.base} is not like it ({describe_shape(loaded)}): the "
+                        f"{' and '.join(d.replace('_', ' ') for d in differ)} differ",
+                        where=str(source.adapter_dir),
+                        hint=f"load it on {source.trained_on} or a model of the same shape")
+
+
+def shape_of(config) -> dict:
+    """What an adapter's weights depend on in a base model's config."""
+    return {"architecture": config.model_type, "hidden_size": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None), "vocabulary": getattr(config, "vocab_size", None)}
+
+
+def describe_shape(shape: dict) -> str:
+    return (f"{shape['architecture']}, hidden size {shape['hidden_size']}, {shape['layers']} layers, "
+            f"vocabulary {shape['vocabulary']}")
 
 
 def load_tokenizer(source: AdapterSource):

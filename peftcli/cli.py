@@ -164,27 +164,66 @@ def merge(source: Annotated[Path, typer.Argument(help="a run directory or an ada
     console.print(display.merge_table(merged.record, str(where)))
 
 
+AdapterOption = Annotated[Optional[list[str]], typer.Option(
+    "--adapter", help="NAME=DIR: load this run or adapter directory on the base MODEL under NAME (repeatable)")]
+UseOption = Annotated[Optional[str], typer.Option(
+    "--use", help="the adapter to use, by its --adapter NAME (default: the first); 'base' = the base alone")]
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate at most")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature; 0 = greedy")]
+InferenceDtypeOption = Annotated[Dtype, typer.Option(
+    "--dtype", help="weights dtype; auto keeps the stored dtype (a QLoRA run's base loads in 4-bit on a GPU)")]
+TargetArg = Annotated[str, typer.Argument(
+    help="a model (builtin:NAME, folder, .gguf, hub id), a merged model, a run or an adapter directory; "
+         "with --adapter, the base model", show_default=False)]
+
+
 @app.command()
 @reports_errors
-def generate(model: Annotated[str, typer.Argument(help="a model (builtin:NAME, folder, .gguf, hub id), a merged model, a run or an adapter directory", show_default=False)],
+def generate(model: TargetArg,
              prompt: Annotated[str, typer.Option("--prompt", "-p", help="the text to continue (the user's message with --chat)", show_default=False)],
-             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate at most")] = 128,
-             temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature; 0 = greedy")] = 0.7,
+             adapter: AdapterOption = None, use: UseOption = None,
+             max_new_tokens: MaxNewTokensOption = 128, temperature: TemperatureOption = 0.7,
              chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
-             base: BaseOption = None,
-             dtype: Annotated[Dtype, typer.Option("--dtype", help="weights dtype; auto keeps the stored dtype (a QLoRA run's base loads in 4-bit on a GPU)")] = "auto",
-             device: DeviceOption = "auto",
+             base: BaseOption = None, dtype: InferenceDtypeOption = "auto", device: DeviceOption = "auto",
              debug: DebugOption = False):
-    """Stream a completion from a base model, a trained adapter or a merged model."""
-    from peftcli.generate import generate as complete, load_for_inference
+    """Stream a completion from a base model, a trained adapter or a merged model (or one of several adapters on a base)."""
+    from peftcli.generate import generate as complete, load
     from peftcli.models import resolve_device
 
     with console.status("loading"):
-        loaded = load_for_inference(model, base=base, dtype=dtype, device=resolve_device(device))
-    errors.print(f"[dim]{loaded.description}[/]", markup=True, highlight=False)
+        loaded = load(model, adapter_options=adapter, use=use, base=base, dtype=dtype, device=resolve_device(device))
+    errors.print(f"[dim]{loaded.description}{_in_use(loaded)}[/]", markup=True, highlight=False)
     complete(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
              on_text=lambda text: console.out(text, end=""))
     console.out("")
+
+
+@app.command()
+@reports_errors
+def chat(model: TargetArg, adapter: AdapterOption = None, use: UseOption = None,
+         max_new_tokens: MaxNewTokensOption = 256, temperature: TemperatureOption = 0.7,
+         base: BaseOption = None, dtype: InferenceDtypeOption = "auto", device: DeviceOption = "auto",
+         debug: DebugOption = False):
+    """Talk to a model, a trained adapter or several adapters on one base; /use NAME switches, /adapters lists, /exit quits."""
+    import contextlib
+
+    from peftcli.generate import CHAT_HELP, ChatSession, load, run_chat
+    from peftcli.models import resolve_device
+
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    with console.status("loading"):
+        loaded = load(model, adapter_options=adapter, use=use, base=base, dtype=dtype, device=resolve_device(device))
+    errors.print(f"[dim]{loaded.description}{_in_use(loaded)}\n{CHAT_HELP}[/]", markup=True, highlight=False)
+    session = ChatSession(loaded, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(session, read=lambda prompt: console.input(prompt, markup=False),
+             show=lambda text: console.print(text, markup=False), stream=lambda text: console.out(text, end=""))
+
+
+def _in_use(loaded) -> str:
+    """Which adapter is on, unless the model is one run's adapter model ("default") or has no adapters."""
+    return f"; using {loaded.active}" if loaded.active not in (None, "default") else ""
 
 
 def main() -> None:

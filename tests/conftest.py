@@ -123,3 +123,33 @@ def write_run(root: Path, adapter: Path | None = None, **model) -> Path:
     if adapter is not None:
         adapter.rename(root / "adapter")
     return root
+
+
+def _train(recipe_dict: dict, output_dir: Path):
+    from peftcli.recipe import validate_recipe
+    from peftcli.rundir import RunDir
+    from peftcli.train import build_plan, run_training
+    from rich.console import Console
+
+    recipe = validate_recipe(recipe_dict, base_dir=ROOT)
+    recipe.output_dir = str(output_dir)
+    run_training(build_plan(recipe), RunDir(output_dir), resume=False, console=Console(quiet=True))
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def task_runs(tmp_path_factory):
+    """Two LoRA runs on tiny GPT-2 that learnt different tasks (contact extraction; counting), with a
+    high learning rate so that they really differ: name → run directory, in a folder of runs."""
+    root = tmp_path_factory.mktemp("tasks")
+    numbers = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    counting = write_jsonl(root / "count.jsonl", [
+        {"prompt": f"Count from {numbers[i]}:", "completion": " " + " ".join(numbers[i:i + 4])} for i in range(6)])
+    runs = root / "runs"
+    return {
+        "contacts": _train(tiny_recipe(name="contacts", data={"eval_fraction": 0.25},
+                                       train={"max_steps": 6, "lr": 2e-2}), runs / "contacts"),
+        "count": _train(tiny_recipe(name="count", method={"target_modules": ["c_attn", "c_fc"]},
+                                    data={"train": str(counting), "format": "completion"},
+                                    train={"max_steps": 6, "lr": 2e-2, "batch_size": 3}), runs / "count"),
+    }

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from peft import LoraConfig
 
-from conftest import save_adapter, write_run
+from conftest import no_traceback, save_adapter, write_run
 from peftcli.adapters import find_adapter, is_adapter_path
 from peftcli.errors import UserError
 from peftcli.models import locate
@@ -86,3 +86,43 @@ def test_what_is_not_an_adapter_is_a_clear_error(tmp_path, lora_adapter):
     (run / "recipe.yaml").write_text("model: [unclosed")
     with pytest.raises(UserError, match="not readable YAML"):
         find_adapter(run)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_gpt2(tmp_path_factory):
+    """Tiny GPT-2's shape with a vocabulary twice as large: the same architecture and width."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.models import load_config, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("wide") / "gpt2-2048"
+    config = load_config("builtin:tiny-gpt2")
+    config.vocab_size = 2048
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer("builtin:tiny-gpt2").save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_on_a_base_of_another_shape_is_refused_naming_both(peft, task_runs, wide_vocab_gpt2):
+    run = task_runs["contacts"]
+    cases = [(["generate", "builtin:tiny-llama", "--adapter", f"c={run}", "--prompt", "x"], "architecture"),
+             (["generate", run, "--base", str(wide_vocab_gpt2), "--prompt", "x"], "vocabulary"),
+             (["merge", run, "--base", "builtin:tiny-llama", "-o", wide_vocab_gpt2.parent / "m"], "architecture")]
+    for args, differs in cases:
+        result = peft(*args)
+        assert result.code == 2 and no_traceback(result.output), result
+        assert "trained on builtin:tiny-gpt2 (gpt2, hidden size 64, 2 layers, vocabulary 1024)" in result.output
+        assert f"the {differs} differ" in result.output and str(run) in result.output
+    assert not (wide_vocab_gpt2.parent / "m").exists()
+
+
+def test_a_base_of_the_same_shape_is_accepted(task_runs, tmp_path):
+    from peftcli.adapters import check_fits
+    from peftcli.models import load_model, locate
+
+    # The built base under its folder name: another name, the same model.
+    source = find_adapter(task_runs["count"], base=locate("builtin:tiny-gpt2").path)
+    assert source.trained_on == "builtin:tiny-gpt2" and source.base != source.trained_on
+    check_fits(load_model(source.base, dtype="auto"), source)
