@@ -221,6 +221,25 @@ def chat(model: TargetArg, adapter: AdapterOption = None, use: UseOption = None,
              show=lambda text: console.print(text, markup=False), stream=lambda text: console.out(text, end=""))
 
 
+@app.command(name="adapters")
+@reports_errors
+def list_adapters(folder: Annotated[Path, typer.Argument(help="a folder of runs and adapter directories")] = Path("runs"),
+                  as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+                  debug: DebugOption = False):
+    """List the trained adapters in a folder: base, method, rank, size, eval loss, date."""
+    import json
+
+    from peftcli.catalog import scan
+
+    entries = scan(folder)
+    if as_json:
+        console.out(json.dumps([e.as_dict() for e in entries], indent=2))
+    elif entries:
+        console.print(display.adapters_table(entries, str(folder)))
+    else:
+        console.print(f"no run or adapter directory in {folder}")
+
+
 def _in_use(loaded) -> str:
     """Which adapter is on, unless the model is one run's adapter model ("default") or has no adapters."""
     return f"; using {loaded.active}" if loaded.active not in (None, "default") else ""

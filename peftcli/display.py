@@ -70,3 +70,30 @@ def merge_table(record: dict, where: str) -> Table:
 def _comparison(comparison: dict) -> str:
     return (f"max |Δlogit| {comparison['max_abs_logit_diff']:.3g}, "
             f"greedy agreement {comparison['greedy_agreement']:.1%}")
+
+
+def adapters_table(entries: list, root: str) -> Table:
+    """`peft adapters`: one row per adapter found; problems in place of the figures."""
+    table = Table(title=f"Adapters in {root}", title_justify="left")
+    for column in ("name", "base model", "method", "rank", "trainable", "size", "eval loss", "date"):
+        numeric = column in ("rank", "trainable", "size", "eval loss")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=numeric or column == "date")
+    for e in entries:
+        if e.problem:
+            table.add_row(e.name, f"[red]{e.problem}[/]", *[""] * 6)
+            continue
+        table.add_row(e.name, e.base, e.method, _or_dash(e.rank), _or_dash(e.trainable_params),
+                      byte_size(e.weights_bytes), _or_dash(e.eval_loss), e.date[:16].replace("T", " "))
+    return table
+
+
+def _or_dash(value) -> str:
+    return "—" if value is None else _format(value)
+
+
+def byte_size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
