@@ -221,6 +221,25 @@ def chat(model: TargetArg, adapter: AdapterOption = None, use: UseOption = None,
              show=lambda text: console.print(text, markup=False), stream=lambda text: console.out(text, end=""))
 
 
+@app.command()
+@reports_errors
+def combine(adapters: Annotated[list[str], typer.Argument(help="two or more run or adapter directories (LoRA, one base)", show_default=False)],
+            output: Annotated[Path, typer.Option("--output", "-o", help="a new folder for the combined adapter", show_default=False)],
+            weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="one weight per adapter: --weights 0.5 0.5 (or 0.5,0.5; default: equal weights summing to 1)")] = None,
+            how: Annotated[str, typer.Option("--how", help="linear | cat | svd | ties | dare_linear | dare_ties")] = "linear",
+            density: Annotated[Optional[float], typer.Option("--density", help="ties / dare: the share of entries kept (default 0.5)")] = None,
+            svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", min=1, help="svd: the combined rank (default: the largest input rank)")] = None,
+            verify: Annotated[bool, typer.Option("--verify", help="compare the combined adapter's logits with each input's on fixed prompts")] = False,
+            base: BaseOption = None, device: DeviceOption = "auto", debug: DebugOption = False):
+    """Build one LoRA adapter from several of the same base (peft's add_weighted_adapter)."""
+    from peftcli.combine import parse_weights, run_combine
+
+    paths, parsed = parse_weights(adapters, weights or [])
+    record, where = run_combine(paths, output=output, weights=parsed, how=how, density=density, svd_rank=svd_rank,
+                                base=base, verify=verify, device=device, console=console)
+    console.print(display.combine_table(record, str(where)))
+
+
 @app.command(name="adapters")
 @reports_errors
 def list_adapters(folder: Annotated[Path, typer.Argument(help="a folder of runs and adapter directories")] = Path("runs"),

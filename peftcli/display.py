@@ -97,3 +97,19 @@ def byte_size(count: int) -> str:
         if count < 1024 or unit == "GiB":
             return f"{count:,} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
+
+
+def combine_table(record: dict, where: str) -> Table:
+    """`peft combine`'s result: the inputs and their weights, and with --verify how close the result is to each."""
+    rows = {"output": where, "base": record["base"], "combination": record["how"], "rank": record["rank"]}
+    if record["density"] is not None:
+        rows["density"] = record["density"]
+    check = record["verification"]
+    for i, item in enumerate(record["inputs"], 1):
+        line = f"{item['adapter']} (weight {item['weight']:g})"
+        if check:
+            line += "; combined vs it: " + _comparison(check["combined_vs_inputs"][i - 1])
+        rows[f"input {i}"] = line
+    if check:
+        rows["combined vs base"] = _comparison(check["combined_vs_base"])
+    return key_values("Combined", rows)

@@ -343,9 +343,7 @@ def adapter_settings(config: dict) -> dict:
 def write_merged(merged: Merged, output: Path, *, max_shard_size: str = MAX_SHARD_SIZE) -> None:
     """Save the model folder (safetensors, sharded when large; config, generation config, tokenizer,
     model card, merge.json) beside `output`, then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model folder is an ordinary one
+    staging = make_staging(output)
     try:
         started = time.perf_counter()
         merged.model.save_pretrained(staging, max_shard_size=max_shard_size)
@@ -354,11 +352,19 @@ def write_merged(merged: Merged, output: Path, *, max_shard_size: str = MAX_SHAR
         merged.record["memory"] = report.peak_memory(merged.record["device"])
         (staging / "merge.json").write_text(json.dumps(merged.record, indent=2) + "\n")
         (staging / "README.md").write_text(model_card(merged.record, source_recipe(merged.record)))
-        _replace_directory(staging, output)
+        replace_directory(staging, output)
     except OSError as err:
         raise RunFailure(f"could not write the merged model: {err}", where=str(output)) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_staging(output: Path) -> Path:
+    """An empty folder beside `output`, to write into and then rename into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+    return staging
 
 
 def _umask() -> int:
@@ -367,7 +373,7 @@ def _umask() -> int:
     return mask
 
 
-def _replace_directory(staging: Path, output: Path) -> None:
+def replace_directory(staging: Path, output: Path) -> None:
     """Put `staging` at `output`; an old output is moved aside first and removed only after."""
     old = None
     if output.exists():
