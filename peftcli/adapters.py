@@ -208,7 +208,7 @@ def check_fits(model, source: AdapterSource) -> None:
     if differ:
         raise UserError(f"the adapter was trained on {source.trained_on} ({describe_shape(trained)}), and the base "
                         f"model {source.base} is not like it ({describe_shape(loaded)}): the "
-                        f"{' and '.join(d.replace('_', ' ') for d in differ)} differ",
+                        f"{' and '.join(d.replace('_', ' ') for d in differ)} {'differ' if len(differ) > 1 else 'differs'}",
                         where=str(source.adapter_dir),
                         hint=f"load it on {source.trained_on} or a model of the same shape")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -74,17 +75,17 @@ def _comparison(comparison: dict) -> str:
 
 def adapters_table(entries: list, root: str) -> Table:
     """`peft adapters`: one row per adapter found; problems in place of the figures."""
-    table = Table(title=f"Adapters in {root}", title_justify="left")
-    for column in ("name", "base model", "method", "rank", "trainable", "size", "eval loss", "date"):
-        numeric = column in ("rank", "trainable", "size", "eval loss")
+    table = Table(title=f"Adapters in {root}", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("name", "base model", "method", "rank", "params", "size", "eval loss", "date"):
+        numeric = column in ("rank", "params", "size", "eval loss")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold",
-                         no_wrap=numeric or column == "date")
+                         min_width=10 if column in ("name", "base model") else None)
     for e in entries:
         if e.problem:
             table.add_row(e.name, f"[red]{e.problem}[/]", *[""] * 6)
             continue
         table.add_row(e.name, e.base, e.method, _or_dash(e.rank), _or_dash(e.trainable_params),
-                      byte_size(e.weights_bytes), _or_dash(e.eval_loss), e.date[:16].replace("T", " "))
+                      byte_size(e.weights_bytes), _or_dash(e.eval_loss), e.date[:10])
     return table
 
 

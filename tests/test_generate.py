@@ -181,3 +181,24 @@ def test_the_conversation_is_kept_and_trimmed_to_the_context(both):
     assert session.fitted_history() == session.history[-1:]  # whole exchanges go; the newest message stays
     session.max_new_tokens = 1024 - session._length(session.history[-3:])
     assert session.fitted_history() == session.history[-3:]
+
+
+def test_adapters_of_different_methods_share_a_base_through_peft_mixed_model(tmp_path):
+    import torch
+    from peft import IA3Config, LoHaConfig, LoraConfig
+
+    from conftest import save_adapter
+
+    made = {"lora": save_adapter(tmp_path / "lora", "builtin:tiny-llama", LoraConfig(r=4, target_modules=["q_proj"])),
+            "loha": save_adapter(tmp_path / "loha", "builtin:tiny-llama", LoHaConfig(r=4, target_modules=["v_proj"]))}
+    both = load_with_adapters("builtin:tiny-llama", {name: str(path) for name, path in made.items()})
+    assert type(both.model).__name__ == "PeftMixedModel"
+    for name, path in made.items():
+        both.use(name)
+        assert torch.allclose(logits_in_use(both), logits_in_use(load_for_inference(str(path))), atol=1e-5)
+    both.use("base")
+    assert torch.allclose(logits_in_use(both), logits_in_use(load_for_inference("builtin:tiny-llama")), atol=1e-6)
+    ia3 = save_adapter(tmp_path / "ia3", "builtin:tiny-llama", IA3Config(target_modules=["q_proj"],
+                                                                         feedforward_modules=[]))
+    with pytest.raises(UserError, match="adapter 'b' is ia3, and adapters of different methods share one base only"):
+        load_with_adapters("builtin:tiny-llama", {"a": str(made["lora"]), "b": str(ia3)})
