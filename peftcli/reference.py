@@ -23,6 +23,7 @@ def starter_recipe(model: str | None = None, method: str = "lora") -> str:
     """A recipe with every field at its default, each with its description as a comment."""
     classes = method_classes()
     sections = {"method": classes[method]}
+    defaults = Recipe(method=classes[method]())  # a method can set another section's default (qlora: 4-bit)
     overrides = {("model", "base"): model} if model else {}
     lines = ["# peftcli recipe: every field with its default. Delete what you do not change.",
              "# Check it with `peft validate FILE`; train with `peft train FILE`.", ""]
@@ -33,7 +34,7 @@ def starter_recipe(model: str | None = None, method: str = "lora") -> str:
             continue
         lines += ["", f"# {field.description}", f"{name}:"]
         for key, sub in section.model_fields.items():
-            value = overrides.get((name, key), sub.get_default(call_default_factory=True))
+            value = overrides.get((name, key), getattr(getattr(defaults, name), key))
             lines.append(f"  {key}: {_yaml_value(value)}  # {sub.description}")
     return "\n".join(lines) + "\n"
 
@@ -43,7 +44,7 @@ def markdown_reference() -> str:
     out = []
     for name, field in Recipe.model_fields.items():
         section = _section(field.annotation)
-        if section is None:
+        if section is None and name != "method":  # the methods get a table each, below
             out += [f"`{name}` ({_type_name(field.annotation)}, default `{_yaml_value(field.default)}`): "
                     f"{field.description}.", ""]
     for name, field in Recipe.model_fields.items():

@@ -48,6 +48,9 @@ def current_device() -> str:
 def check_runtime(recipe: Recipe, device: str) -> None:
     """Settings this machine cannot run, caught before anything heavy is loaded."""
     if recipe.model.load_in_4bit and device != "cuda":
+        if recipe.method.name == "qlora":
+            raise UserError("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU, and none is visible",
+                            where="method.name", hint="use method lora (the same adapter in 16/32-bit), or run on a GPU machine")
         raise UserError("4-bit loading (QLoRA) needs a CUDA GPU, and none is visible", where="model.load_in_4bit",
                         hint="set model.load_in_4bit: false to train in 16/32-bit, or run on a GPU machine")
 
@@ -94,9 +97,11 @@ def build_plan(recipe: Recipe) -> Plan:
     tokenizer = models.load_tokenizer(m.base, m.trust_remote_code)
     fmt, train, train_stats, evaluation, eval_stats = prepare_data(recipe, tokenizer)
     dtype = models.resolve_dtype(m.dtype, device)
-    model = models.load_model(m.base, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    model = models.load_model(m.base, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                              **methods.loading_options(recipe, dtype))
     set_seed(recipe.train.seed)  # the adapter's initial weights depend on it
-    model = methods.attach(model, recipe.method)
+    model = methods.attach(model, recipe.method, steps=optimizer_steps(train_stats.examples, recipe),
+                           gradient_checkpointing=recipe.train.gradient_checkpointing)
     return Plan(recipe, device, dtype, model, tokenizer, fmt, train, evaluation, train_stats, eval_stats)
 
 
@@ -157,6 +162,8 @@ def build_trainer(plan: Plan, run: RunDir, console):
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     trainer.add_callback(RichProgress(console))
+    for callback in methods.callbacks(plan.model, plan.recipe.method):
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -197,7 +204,7 @@ def save_adapter(plan: Plan, run: RunDir) -> None:
     """Write the adapter beside its final place and rename it in, so a crash never leaves half of one."""
     staging = run.root / ".adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    plan.model.save_pretrained(staging)
+    methods.save_adapter(plan.model, staging)
     plan.tokenizer.save_pretrained(staging)
     if run.adapter.exists():
         shutil.rmtree(run.adapter)

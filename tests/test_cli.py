@@ -29,7 +29,8 @@ def test_validate_prints_the_resolved_recipe_and_targets(peft, write_recipe):
     result = peft("validate", write_recipe(tiny_recipe(method={"target_modules": "all-linear"})))
     assert result.code == 0, result
     assert "is valid" in result.output
-    assert "c_attn, c_proj, c_fc" in result.output  # all-linear resolved; lm_head left out
+    # all-linear resolved to each wrapped module inside its block; lm_head left out
+    assert "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj" in result.output and "lm_head" not in result.output
     assert "GPT2LMHeadModel" in result.output
 
 
