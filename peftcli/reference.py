@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from peftcli.recipe import Recipe, method_classes
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
+METHODS_BEGIN, METHODS_END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+TABLE_MODEL = "builtin:llama-8b-random"  # the Llama-3.1-8B shape, counted on the meta device
 
 
 def starter_recipe(model: str | None = None, method: str = "lora") -> str:
@@ -56,6 +58,23 @@ def markdown_reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def methods_table() -> str:
+    """Every method: what it trains, its trainable parameters on the Llama-3.1-8B shape at the
+    recipe's defaults (counted by peft on a meta-device model: no memory, no weights), mergeable or not."""
+    from peftcli import methods, models
+
+    config = models.load_config(TABLE_MODEL)
+    rows = ["| method | what is trained | trainable params, Llama-3.1-8B shape | mergeable |", "|---|---|---|---|"]
+    for name, cls in method_classes().items():
+        # AdaLoRA schedules its budget over the run's steps; the count does not depend on them.
+        model = methods.attach(models.build_empty(config), cls(), steps=1000)
+        trainable, total = model.get_nb_trainable_parameters()
+        mergeable = "yes" if name in methods.MERGEABLE else "no"
+        rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({100 * trainable / total:.2g}%) "
+                    f"| {mergeable} |")
+    return "\n".join(rows) + "\n"
+
+
 def _table(title: str, section: type[BaseModel], about: str | None) -> list[str]:
     rows = [f"### `{title}`", "", (about or "").strip(), "", "| key | type | default | description |",
             "|---|---|---|---|"]
@@ -89,13 +108,18 @@ def _yaml_value(value) -> str:
 
 
 def update_readme(path: Path) -> bool:
-    """Rewrite the block between the markers; True when it changed."""
+    """Rewrite the blocks between the markers; True when one changed."""
     text = path.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    new = f"{head}{BEGIN}\n{markdown_reference()}{END}{tail}"
+    new = _replace_block(text, BEGIN, END, markdown_reference())
+    new = _replace_block(new, METHODS_BEGIN, METHODS_END, methods_table())
     path.write_text(new)
     return new != text
+
+
+def _replace_block(text: str, begin: str, end: str, content: str) -> str:
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{content}{end}{tail}"
 
 
 if __name__ == "__main__":
