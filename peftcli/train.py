@@ -196,6 +196,8 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
 
 def _evaluate_base(trainer, plan: Plan) -> float:
     """Eval loss of the base model alone: the number the adapter has to beat."""
+    if methods.base_was_rewritten(plan.model):  # PiSSA/OLoRA: untrained, rewritten base + adapter = the base
+        return trainer.evaluate(metric_key_prefix="base")["base_loss"]
     with plan.model.disable_adapter():
         return trainer.evaluate(metric_key_prefix="base")["base_loss"]
 

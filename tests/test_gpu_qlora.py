@@ -1,5 +1,6 @@
-"""QLoRA on a CUDA GPU: a Llama-3.2-1B-shaped model trains in 4-bit, its adapter reloads onto a
-4-bit base with the same logits, and its peak memory is below bf16 LoRA's on the same model and batch.
+"""QLoRA on a CUDA GPU: a Llama-3.2-1B-shaped model trains in 4-bit (default and LoftQ init), its
+adapter reloads onto a 4-bit base with the same logits, its peak memory is below bf16 LoRA's on the
+same model and batch, and the other methods allowed on a 4-bit base train there.
 
     python3 -m pytest -m gpu -q -s tests/test_gpu_qlora.py                      # 1B shape
     PEFTCLI_GPU_8B=1 python3 -m pytest -m gpu -q -s tests/test_gpu_qlora.py     # also the 8B shape (16 GB built once)
@@ -30,11 +31,11 @@ ROWS = ["Maria is 34 and lives in Lisbon.", "Tom, 51, moved to Oslo last spring.
 
 
 def train(root: Path, base: str, method: dict, *, steps: int, rows=ROWS, batch_size: int = 4, max_length: int = 64,
-          **settings):
+          load_in_4bit: bool = False, **settings):
     """One run through the real pipeline; returns (plan, report, run directory)."""
     data = write_jsonl(root / "rows.jsonl", [{"text": row} for row in rows])
     recipe = validate_recipe({
-        "model": {"base": base}, "method": method, "data": {"train": str(data), "format": "text", "max_length": max_length},
+        "model": {"base": base, "load_in_4bit": load_in_4bit}, "method": method, "data": {"train": str(data), "format": "text", "max_length": max_length},
         "train": {"max_steps": steps, "batch_size": batch_size, "logging_steps": 1, "warmup_ratio": 0, **settings},
         "output_dir": str(root / "run")}, base_dir=root)
     plan = build_plan(recipe)
@@ -122,3 +123,15 @@ def release_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "adalora"}, {"name": "prompt"}, {"name": "adapter"}],
+                         ids=lambda method: method["name"])
+def test_other_methods_train_on_a_4bit_base(method, tmp_path):
+    """The methods the schema lets onto a 4-bit base besides LoRA's family train there too."""
+    plan, report, _ = train(tmp_path, "builtin:llama-1b-random", method, steps=5, load_in_4bit=True, lr=1e-3)
+    assert plan.model.get_base_model().is_loaded_in_4bit
+    losses = [entry["loss"] for entry in report["training"]["loss_history"]]
+    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
+    del plan
+    release_memory()

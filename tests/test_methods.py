@@ -3,6 +3,7 @@ pipeline (build_plan → run_training), then the adapter on a fresh base gives t
 and the trainable parameters are what peft counts for the same hand-written config."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from peftcli.methods.bottleneck import BottleneckConfig
 from peftcli.methods.bottleneck.layer import BottleneckModule
 from peftcli.recipe import validate_recipe
 from peftcli.rundir import RunDir
-from peftcli.train import build_plan, run_training
+from peftcli.train import build_plan, build_trainer, run_training
 
 # Sequences over two words: every method can lower the loss (prompt methods by learning the words'
 # frequencies, the others by memorising the order), so a fall of 30% is within reach of each.
@@ -85,7 +86,8 @@ def memorised(request, bases, tmp_path_factory):
     root = tmp_path_factory.mktemp(case)
     data = write_jsonl(root / "mem.jsonl", [{"text": row} for row in ROWS])
     recipe = validate_recipe({
-        "model": {"base": bases[base]}, "method": method, "data": {"train": str(data), "format": "text"},
+        "model": {"base": bases[base]}, "method": method,
+        "data": {"train": str(data), "eval": str(data), "format": "text"},
         "train": {"max_steps": STEPS, "batch_size": 4, "lr": lr, "lr_scheduler": "constant", "warmup_ratio": 0,
                   "logging_steps": 1},
         "output_dir": str(root / "run")}, base_dir=root)
@@ -148,6 +150,19 @@ def expected_trainable(case: str, plan, base: str) -> int:
     return get_peft_model(models.load_model(base, dtype=torch.float32), config).get_nb_trainable_parameters()[0]
 
 
+@every_method
+def test_the_base_eval_loss_is_the_base_models(memorised):
+    """Measured with the adapter disabled, or for PiSSA/OLoRA (whose base is rewritten) before training."""
+    case, plan, report, run, base = memorised
+    fresh = replace(plan, model=models.load_model(base, dtype=torch.float32))  # the same eval, on the base alone
+    expected = build_trainer(fresh, run, Console(quiet=True)).evaluate()["eval_loss"]
+    if case == "adalora":  # peft adds AdaLoRA's orthogonality term to every loss, the base's included
+        assert report["eval"]["base_loss"] > expected
+    else:
+        assert report["eval"]["base_loss"] == pytest.approx(expected, rel=1e-5), case
+    assert report["eval"]["loss"] < report["eval"]["base_loss"]
+
+
 @pytest.mark.parametrize("memorised", ["adalora"], indirect=True)
 def test_adalora_reallocates_its_rank_budget_over_the_run(memorised):
     _, plan, _, run, _ = memorised
@@ -167,7 +182,8 @@ def test_a_pissa_adapter_is_saved_as_plain_lora_for_the_unchanged_base(memorised
 
 @pytest.mark.parametrize("memorised", ["adapter-houlsby"], indirect=True)
 def test_bottleneck_adapters_disable_like_a_builtin_method(memorised):
-    _, plan, _, _, base = memorised
+    _, plan, _, run, base = memorised
+    assert "model = load_adapter(base, \"adapter\")" in (run.adapter / "README.md").read_text()  # the model card says how
     ids = torch.tensor([plan.train_data[0]["input_ids"]])
     with torch.no_grad():
         untouched = models.load_model(base, dtype=torch.float32)(input_ids=ids).logits

@@ -80,9 +80,14 @@ def callbacks(model, method) -> list:
     return [adalora.budget_callback(model)] if method.name == "adalora" else []
 
 
+def base_was_rewritten(model) -> bool:
+    """PiSSA and OLoRA subtract their initial adapter from the base weights."""
+    return lora.converts_on_save(model)
+
+
 def save_adapter(model, directory: Path) -> None:
     """adapter_config.json + adapter_model.safetensors, loadable onto the unchanged base."""
-    if lora.converts_on_save(model):
+    if base_was_rewritten(model):
         lora.save_converted(model, directory)
     else:
         model.save_pretrained(directory)
