@@ -52,11 +52,12 @@ def test_llama_presets_shorthands_names_and_regexes(llama, method, expected):
     assert wrapped(method, llama) == expected
 
 
-def test_a_regex_matches_full_names_so_it_can_pick_one_layer(llama):
-    config = methods.peft_config(TypeAdapter(Method).validate_python(
-        {"name": "lora", "target_modules": r".*layers\.1\.mlp\.up_proj"}), llama)
+def test_a_regex_matches_full_names_so_it_can_pick_one_layer():
     from peft import get_peft_model
 
+    llama = skeleton("builtin:tiny-llama")  # its own: get_peft_model changes the model it wraps
+    config = methods.peft_config(TypeAdapter(Method).validate_python(
+        {"name": "lora", "target_modules": r".*layers\.1\.mlp\.up_proj"}), llama)
     model = get_peft_model(llama, config)
     adapted = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
     assert adapted == ["base_model.model.model.layers.1.mlp.up_proj.lora_A"]
@@ -141,3 +142,11 @@ def test_a_misspelt_shorthand_is_caught_by_the_schema(peft, write_recipe):
     assert "method.target_modules: 'all_linear' is not a shorthand" in result.output and "did you mean 'all-linear'?" in result.output
     result = peft("validate", write_recipe(tiny_recipe(method={"target_modules": "(q_proj"})))
     assert result.code == 2 and "'(q_proj' is not a valid regex" in result.output
+
+
+def test_bottleneck_adapters_wrap_linear_layers_or_the_feed_forward_block(llama):
+    assert wrapped({"name": "adapter", "target_modules": ["mlp"]}, llama) == ["mlp"]  # houlsby after the whole block
+    with pytest.raises(UserError) as err:
+        wrapped({"name": "adapter", "target_modules": ["self_attn"]}, llama)  # returns a tuple: not a place for one
+    assert "target module(s) ['self_attn'] not in the model" in str(err.value)
+    assert str(err.value).endswith("modules of this model: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head, mlp")

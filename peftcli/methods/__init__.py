@@ -35,17 +35,8 @@ def peft_config(method, model, *, steps: int | None = None):
     if name == "vera":
         return vera.peft_config(method, targets)
     if name == "adapter":
-        return bottleneck_config(method, targets, model)
+        return bottleneck.peft_config(method, targets, model)
     raise ValueError(f"no peft config for method {name!r}")  # the schema admits only the names above
-
-
-def bottleneck_config(method, targets, model):
-    bottleneck.register()
-    hidden = model.config.hidden_size
-    size = method.bottleneck_size or max(hidden // (method.reduction_factor or 16), 1)
-    return bottleneck.BottleneckConfig(task_type="CAUSAL_LM", target_modules=targets, variant=method.variant,
-                                       bottleneck_size=size, non_linearity=method.non_linearity,
-                                       scaling=method.scaling, hidden_size=hidden)
 
 
 def loading_options(recipe, dtype) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+# recipe init → peft's init_lora_weights; LoftQ starts from the default and is fitted after wrapping (after_attach)
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
 INITIAL_ADAPTER = "peftcli_initial_adapter"  # attribute of the PeftModel holding the start of a pissa/olora adapter
 

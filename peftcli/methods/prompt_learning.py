@@ -28,7 +28,7 @@ def peft_config(method, model):
     # peft embeds init_text with the base's tokenizer, read from the folder the model was loaded from.
     tokenizer = getattr(model, "name_or_path", "")
     if not tokenizer:
-        raise UserError("init: text needs the base model's tokenizer, and this model has no folder yet",
-                        where="method.init", hint="train once (peft train builds built-in models), or use init: random")
+        raise UserError("init: text reads the base model's tokenizer, and this built-in model is not built yet",
+                        where="method.init", hint="peft train builds it on first use; or use init: random")
     return PromptTuningConfig(**common, prompt_tuning_init="TEXT", prompt_tuning_init_text=method.init_text,
                               tokenizer_name_or_path=tokenizer)

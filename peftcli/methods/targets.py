@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from peftcli.errors import UserError
 
-SHORTHANDS = ("auto", "attention", "mlp", "all-linear")
+LINEAR_ONLY = ("loha", "lokr")  # peft's LyCORIS layers take nn.Linear, not GPT-2's Conv1D
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,12 @@ def resolve_targets(method, model) -> list[str] | str:
 def candidates(method, model) -> dict[str, list[str]]:
     """The modules `method` can wrap, by short name → full names."""
     found = linear_modules(model, nn_linear_only=method.name in LINEAR_ONLY)
-    if method.name == "adapter":  # bottleneck adapters also sit beside whole blocks (the feed-forward block)
-        for short, full in block_modules(model).items():
-            found.setdefault(short, []).extend(full)
+    if method.name == "adapter":  # bottleneck adapters also sit in sequence with or beside the feed-forward block
+        preset = PRESETS.get(getattr(model.config, "model_type", None))
+        block = preset.mlp_block if preset else "mlp"
+        if blocks := block_modules(model).get(block):
+            found.setdefault(block, []).extend(blocks)
     return found
-
-
-LINEAR_ONLY = ("loha", "lokr")  # peft's LyCORIS layers take nn.Linear, not GPT-2's Conv1D
 
 
 def check_names(names: list[str], method, model) -> None:

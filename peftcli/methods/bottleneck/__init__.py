@@ -13,6 +13,19 @@ from peftcli.methods.bottleneck.config import PEFT_TYPE, BottleneckConfig
 from peftcli.methods.bottleneck.model import BottleneckModel
 
 
+DEFAULT_REDUCTION = 16  # bottleneck width = hidden size / 16 unless the recipe says otherwise (AdapterHub's default)
+
+
+def peft_config(method, targets, model) -> BottleneckConfig:
+    """The recipe's `adapter` method as this tuner's config (registered with peft on the way)."""
+    register()
+    hidden = model.config.hidden_size
+    size = method.bottleneck_size or max(hidden // (method.reduction_factor or DEFAULT_REDUCTION), 1)
+    return BottleneckConfig(task_type="CAUSAL_LM", target_modules=targets, variant=method.variant,
+                            bottleneck_size=size, non_linearity=method.non_linearity, scaling=method.scaling,
+                            hidden_size=hidden)
+
+
 def register() -> None:
     """Make peft know the bottleneck method (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -22,4 +35,4 @@ def register() -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = BottleneckModel.prefix
 
 
-__all__ = ["PEFT_TYPE", "BottleneckConfig", "BottleneckModel", "register"]
+__all__ = ["PEFT_TYPE", "BottleneckConfig", "BottleneckModel", "peft_config", "register"]
