@@ -125,8 +125,9 @@ def release_memory() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "adalora"}, {"name": "prompt"}, {"name": "adapter"}],
-                         ids=lambda method: method["name"])
+@pytest.mark.parametrize("method", [{"name": "ia3"}, {"name": "adalora"}, {"name": "prompt"}, {"name": "adapter"},
+                                    {"name": "adapter", "variant": "parallel"}],
+                         ids=lambda method: "-".join(method.values()))
 def test_other_methods_train_on_a_4bit_base(method, tmp_path):
     """The methods the schema lets onto a 4-bit base besides LoRA's family train there too."""
     plan, report, _ = train(tmp_path, "builtin:llama-1b-random", method, steps=5, load_in_4bit=True, lr=1e-3)

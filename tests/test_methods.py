@@ -226,3 +226,15 @@ def test_a_fresh_adapter_starts_as_the_base_model():
             before = model(input_ids=ids).logits
             after = methods.attach(model, method)(input_ids=ids).logits
         assert torch.allclose(before, after, atol=1e-6), method.name
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "parallel"])
+def test_bottleneck_adapters_sit_on_the_device_of_what_they_wrap(variant):
+    """A 4-bit base is on the GPU before the adapter is attached; a meta-device skeleton stands in for it here.
+    (peft's BaseTuner places modules named with the tuner's prefix, `adapter_`, beside what they wrap.)"""
+    from peftcli.recipe import AdapterMethod
+
+    skeleton = models.build_empty(models.load_config("builtin:tiny-llama"))
+    model = methods.attach(skeleton, AdapterMethod(variant=variant))
+    adapters = [p for n, p in model.named_parameters() if ".adapter_" in n]
+    assert adapters and all(p.device.type == "meta" for p in adapters)
