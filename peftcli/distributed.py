@@ -62,7 +62,7 @@ def trainer_options(section, model, gradient_checkpointing: bool) -> dict:
         # FSDP's own activation checkpointing avoids the extra all-gather of the Trainer's;
         # transformers wraps the LoRA layers separately and keeps 4-bit storage in the compute dtype.
         return {"fsdp": True, "activation_checkpointing": False, "fsdp_config": {
-            "transformer_layer_cls_to_wrap": list(getattr(model, "_no_split_modules", None) or []),
+            "transformer_layer_cls_to_wrap": list(getattr(model, "_no_split_modules", None) or []),  # peft forwards it
             "cpu_offload": section.cpu_offload, "activation_checkpointing": gradient_checkpointing}}
     return {"activation_checkpointing": gradient_checkpointing, "deepspeed": zero3_config(section)}
 

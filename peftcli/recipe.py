@@ -55,7 +55,7 @@ class ModelSection(Section):
     base: str = Field("builtin:tiny-gpt2", description="builtin:NAME, a local HF model folder, a hub id, or a .gguf file")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto = bfloat16 on a GPU that has it, float32 on CPU")
-    load_in_4bit: Flag = Field(False, description="load the base in 4-bit NF4 (QLoRA); needs a CUDA GPU")
+    load_in_4bit: Flag = Field(False, description="load the base in 4-bit with bitsandbytes (QLoRA; NF4 and double quantization unless method qlora sets them); needs a CUDA GPU")
     trust_remote_code: Flag = Field(False, description="run model code shipped with a hub model (only if you trust it)")
 
     @field_validator("base")
@@ -71,19 +71,224 @@ class ModelSection(Section):
         return value  # a hub id
 
 
-class LoraMethod(Section):
-    """LoRA: W + (alpha/r)·B·A on the target modules; B starts at zero so training starts from the base."""
+# ---------------------------------------------------------------------------------------
+# Methods: one class per PEFT method, selected by `name`. Shared fields live in small base
+# classes, so a field means the same thing in every method that has it.
 
-    name: Literal["lora"] = Field("lora", description="the PEFT method")
+TARGET_SHORTHANDS = ("auto", "attention", "mlp", "all-linear")
+REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+FOUR_BIT_METHODS = ("lora", "qlora", "dora", "rslora", "ia3", "adalora", "prefix", "prompt", "p_tuning", "adapter")
+MUTATING_INITS = ("pissa", "olora")  # they rewrite the base weights, which a 4-bit base cannot take
+IMPLIED_FLAGS = {"dora": "use_dora", "rslora": "use_rslora"}  # the shorthands are these lora flags
+
+UseRslora = Annotated[bool, Field(strict=True, description="scale the update by alpha/√r instead of alpha/r (rsLoRA), so higher ranks keep learning")]
+UseDora = Annotated[bool, Field(strict=True, description="DoRA: also train a magnitude per output feature; LoRA then updates only the weight's direction")]
+Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, lt=1)]
+
+
+class MethodSection(Section):
+    name: str = Field("lora", description="the PEFT method")  # each method narrows it to its own name
+
+
+class TargetedMethod(MethodSection):
+    """A method that wraps modules of the model."""
+
+    target_modules: list[str] | str = Field(
+        "auto", description="modules to adapt: auto (this method's preset for the architecture), attention, mlp, "
+                            "all-linear, a list of names (a name matches every module ending in it, e.g. attn.c_proj), "
+                            "or a regex over full module names")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name at least one module, or use auto")
+            return value
+        if value in TARGET_SHORTHANDS:
+            return value
+        if not REGEX_CHARACTERS & set(value):  # a bare word is a typo of a shorthand or a one-name list
+            close = difflib.get_close_matches(value, TARGET_SHORTHANDS, n=1)
+            raise ValueError(f"'{value}' is not a shorthand ({', '.join(TARGET_SHORTHANDS)})"
+                             + (f"; did you mean '{close[0]}'?" if close else f"; for one module write [{value}]"))
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"'{value}' is not a valid regex: {err}") from None
+        return value
+
+
+class LoraFields(TargetedMethod):
     r: PositiveInt = Field(8, description="rank of the low-rank update B·A")
     alpha: Real = Field(16.0, gt=0, description="scale numerator: the update is multiplied by alpha/r")
     dropout: Real = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input, in [0, 1)")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt (e.g. [c_attn, c_proj]), or all-linear")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="A and B at the start: default (A random, B zero), gaussian (A gaussian, B zero), "
+                               "pissa / olora (from the base weights' SVD / QR; the saved adapter is converted to "
+                               "plain LoRA on the unchanged base), loftq (against the 4-bit quantization error; qlora only)")
 
 
-Method = Annotated[Union[LoraMethod], Field(discriminator="name")]
+class LoraMethod(LoraFields):
+    """LoRA: W + (alpha/r)·B·A on the target modules; B starts at zero so training starts from the base."""
+
+    name: Literal["lora"] = Field("lora", description="the PEFT method")
+    use_rslora: UseRslora = False
+    use_dora: UseDora = False
+
+
+class QloraMethod(LoraFields):
+    """QLoRA: LoRA on a base loaded in 4-bit (bitsandbytes, bf16 compute); the same as lora with model.load_in_4bit. Needs a CUDA GPU."""
+
+    name: Literal["qlora"] = Field("qlora", description="the PEFT method")
+    use_rslora: UseRslora = False
+    use_dora: UseDora = False
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4")
+    double_quant: Flag = Field(True, description="also quantize the quantization constants (saves ~0.4 bit per weight)")
+
+
+class DoraMethod(LoraFields):
+    """DoRA: LoRA with use_dora: a trained magnitude per output feature, LoRA on the direction (Liu et al., 2024)."""
+
+    name: Literal["dora"] = Field("dora", description="the PEFT method")
+    use_rslora: UseRslora = False
+
+
+class RsloraMethod(LoraFields):
+    """rsLoRA: LoRA with use_rslora, the update scaled by alpha/√r (Kalajdzievski, 2023)."""
+
+    name: Literal["rslora"] = Field("rslora", description="the PEFT method")
+    use_dora: UseDora = False
+
+
+class Ia3Method(TargetedMethod):
+    """IA³: learned vectors that rescale the keys, values and feed-forward activations (Liu et al., 2022)."""
+
+    name: Literal["ia3"] = Field("ia3", description="the PEFT method")
+    feedforward_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="target modules whose input (not output) is rescaled; auto = the architecture's "
+                            "feed-forward output layer (down_proj, mlp.c_proj)")
+
+
+class PromptLearningFields(MethodSection):
+    num_virtual_tokens: PositiveInt = Field(20, description="virtual tokens learned in front of every input")
+
+
+class PrefixMethod(PromptLearningFields):
+    """Prefix tuning: learned keys and values prepended in every attention layer (Li & Liang, 2021)."""
+
+    name: Literal["prefix"] = Field("prefix", description="the PEFT method")
+    prefix_projection: Flag = Field(False, description="learn the prefix through a 2-layer MLP (reparameterisation: more parameters while training, steadier)")
+    encoder_hidden_size: PositiveInt | None = Field(None, description="hidden width of that MLP; null = the model's hidden size; needs prefix_projection")
+
+    @model_validator(mode="after")
+    def _projection_width_needs_projection(self) -> PrefixMethod:
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("encoder_hidden_size is the width of the prefix projection; set prefix_projection: true")
+        return self
+
+
+class PromptMethod(PromptLearningFields):
+    """Prompt tuning: learned embeddings of virtual tokens prepended to the input (Lester et al., 2021)."""
+
+    name: Literal["prompt"] = Field("prompt", description="the PEFT method")
+    init: Literal["random", "text"] = Field("random", description="start the virtual tokens random, or as the embeddings of init_text")
+    init_text: str | None = Field(None, description="text whose token embeddings start the virtual tokens (init: text)")
+
+    @model_validator(mode="after")
+    def _text_goes_with_text_init(self) -> PromptMethod:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text, e.g. init_text: 'Answer the question:'")
+        if self.init == "random" and self.init_text is not None:
+            raise ValueError("init_text is only used with init: text")
+        return self
+
+
+class PTuningMethod(PromptLearningFields):
+    """P-tuning: virtual-token embeddings produced by a small trained encoder (Liu et al., 2021)."""
+
+    name: Literal["p_tuning"] = Field("p_tuning", description="the PEFT method")
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="the prompt encoder that produces the virtual tokens")
+    encoder_hidden_size: PositiveInt | None = Field(None, description="hidden width of the encoder; null = the model's hidden size")
+    encoder_dropout: Real = Field(0.0, ge=0, lt=1, description="dropout inside the encoder")
+
+
+class LycorisFields(TargetedMethod):
+    r: PositiveInt = Field(8, description="rank of each factor")
+    alpha: Real = Field(8.0, gt=0, description="scale numerator: the update is multiplied by alpha/r")
+    rank_dropout: Real = Field(0.0, ge=0, lt=1, description="dropout over the update's rank dimension while training")
+    module_dropout: Real = Field(0.0, ge=0, lt=1, description="probability of skipping a module's update in a training step")
+
+
+class LohaMethod(LycorisFields):
+    """LoHa: ΔW = (B₁A₁) ⊙ (B₂A₂), a Hadamard product of two low-rank products (Hyeon-Woo et al., 2022). nn.Linear layers only."""
+
+    name: Literal["loha"] = Field("loha", description="the PEFT method")
+
+
+class LokrMethod(LycorisFields):
+    """LoKr: ΔW = C ⊗ (BA), a Kronecker product with a low-rank factor (Yeh et al., 2024). nn.Linear layers only."""
+
+    name: Literal["lokr"] = Field("lokr", description="the PEFT method")
+    decompose_both: Flag = Field(False, description="also decompose the small Kronecker factor C into a low-rank product")
+    decompose_factor: Annotated[int, Field(strict=True, ge=-1)] = Field(
+        -1, description="size of the small Kronecker factor; -1 = as close to the square root of the dimension as divides it")
+
+
+class AdaloraMethod(TargetedMethod):
+    """AdaLoRA: LoRA in SVD form whose rank budget moves to the layers that matter during training (Zhang et al., 2023)."""
+
+    name: Literal["adalora"] = Field("adalora", description="the PEFT method")
+    init_r: PositiveInt = Field(12, description="rank every layer starts with")
+    r: PositiveInt = Field(8, description="average rank per layer once the budget has been pruned")
+    alpha: Real = Field(16.0, gt=0, description="scale numerator, as in LoRA")
+    dropout: Real = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input, in [0, 1)")
+    warmup_fraction: Fraction = Field(0.1, description="fraction of the steps trained at init_r before pruning starts")
+    final_fraction: Fraction = Field(0.2, description="fraction of the steps at the end trained with the ranks frozen")
+    prune_every: PositiveInt = Field(1, description="steps between two re-allocations of the rank budget")
+    orth_reg_weight: Real = Field(0.5, ge=0, description="weight of the loss that keeps P and Q orthogonal")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> AdaloraMethod:
+        if self.r > self.init_r:
+            raise ValueError(f"r ({self.r}) is the budget pruned down from init_r ({self.init_r}); it cannot be larger")
+        if self.warmup_fraction + self.final_fraction >= 1:
+            raise ValueError("warmup_fraction + final_fraction must leave steps for pruning (sum below 1)")
+        return self
+
+
+class VeraMethod(TargetedMethod):
+    """VeRA: one pair of frozen random matrices shared by all layers; each layer trains two scaling vectors (Kopiczko et al., 2024)."""
+
+    name: Literal["vera"] = Field("vera", description="the PEFT method")
+    r: PositiveInt = Field(256, description="rank of the shared random matrices (cheap: only the scaling vectors train)")
+    d_initial: Real = Field(0.1, gt=0, description="initial value of the scaling vector d")
+    dropout: Real = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input, in [0, 1)")
+    projection_seed: Annotated[int, Field(strict=True)] = Field(0, description="seed of the shared random matrices (saved with the adapter)")
+
+
+class AdapterMethod(TargetedMethod):
+    """Bottleneck adapters: x + s·up(f(down(x))) (Houlsby et al., 2019; parallel: He et al., 2022); up starts at zero. Not mergeable."""
+
+    name: Literal["adapter"] = Field("adapter", description="the PEFT method")
+    variant: Literal["houlsby", "parallel"] = Field(
+        "houlsby", description="houlsby: in sequence after the attention and after the feed-forward block; "
+                               "parallel: beside the feed-forward block, its output added scaled")
+    bottleneck_size: PositiveInt | None = Field(None, description="width of the bottleneck; null = the model's hidden size / reduction_factor")
+    reduction_factor: PositiveInt | None = Field(None, description="hidden size / bottleneck width; null = 16 (when bottleneck_size is null)")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="activation between the down- and up-projection")
+    scaling: Real = Field(1.0, gt=0, description="multiplier s of the adapter's output")
+
+    @model_validator(mode="after")
+    def _one_width(self) -> AdapterMethod:
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ValueError("set either bottleneck_size or reduction_factor, not both")
+        return self
+
+
+Method = Annotated[Union[LoraMethod, QloraMethod, DoraMethod, RsloraMethod, Ia3Method, PrefixMethod, PromptMethod,
+                         PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod, AdapterMethod],
+                   Field(discriminator="name")]
 
 
 class DataSection(Section):
@@ -162,6 +367,35 @@ class Recipe(Section):
     @classmethod
     def _default_method_name(cls, value: Any) -> Any:
         return {"name": "lora", **value} if isinstance(value, dict) else value
+
+    @field_validator("method")
+    @classmethod
+    def _fits_the_model(cls, method: MethodSection, info: ValidationInfo) -> MethodSection:
+        """Settings of the method that contradict the model section."""
+        model = info.data.get("model")
+        if model is None:  # the model section is invalid and reported on its own
+            return method
+        if method.name == "qlora" and "load_in_4bit" in model.model_fields_set and not model.load_in_4bit:
+            raise ValueError("qlora loads the base in 4-bit; drop model.load_in_4bit: false, or use method lora")
+        four_bit = model.load_in_4bit or method.name == "qlora"
+        if four_bit and method.name not in FOUR_BIT_METHODS:
+            raise ValueError(f"{method.name} cannot train on a 4-bit base (peft has no 4-bit {method.name} layer); "
+                             f"set model.load_in_4bit: false, or use one of: {', '.join(FOUR_BIT_METHODS)}")
+        init = getattr(method, "init", None)
+        if init == "loftq" and not four_bit:
+            raise ValueError("init: loftq fits the adapter to the 4-bit quantization error; use method qlora "
+                             "(or model.load_in_4bit: true), or another init")
+        if init in MUTATING_INITS and four_bit:
+            raise ValueError(f"init: {init} rewrites the base weights, which a 4-bit base cannot take; "
+                             "use init: default or loftq with qlora")
+        return method
+
+    @model_validator(mode="after")
+    def _qlora_loads_in_4bit(self) -> Recipe:
+        """qlora and model.load_in_4bit say the same thing; the resolved recipe says it in both places."""
+        if self.method.name == "qlora" and not self.model.load_in_4bit:
+            self.model.load_in_4bit = True
+        return self
 
     @field_validator("output_dir")
     @classmethod
@@ -268,7 +502,14 @@ def _describe(error: dict, source: str, text: str | None, overrides) -> str:
         loc = (*loc, "name")
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     kind, message, got = error["type"], error["msg"], error.get("input")
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and (owners := _other_owners(loc, parent)):
+        method = parent.model_fields["name"].default
+        if IMPLIED_FLAGS.get(method) == loc[-1]:
+            message = f"method {method} always sets {loc[-1]}; drop the key"
+        else:
+            message = (f"'{loc[-1]}' belongs to method{'s' if len(owners) > 1 else ''} {', '.join(owners)}, "
+                       f"not to {method}; set method.name: {owners[0]} to use it")
+    elif kind == "extra_forbidden":
         valid = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         message = f"unknown key '{loc[-1]}'" + (f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}")
@@ -281,6 +522,13 @@ def _describe(error: dict, source: str, text: str | None, overrides) -> str:
     else:
         message = f"{message[0].lower()}{message[1:]} (got {_show(got)})"
     return f"{_where(loc, source, text, overrides)}: {dotted}: {message}"
+
+
+def _other_owners(loc: tuple, parent: type[BaseModel] | None) -> list[str]:
+    """The methods that have the key a method section does not: a key written under the wrong method."""
+    if len(loc) != 2 or loc[0] != "method" or parent is None:
+        return []
+    return [name for name, cls in method_classes().items() if loc[-1] in cls.model_fields and cls is not parent]
 
 
 def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:

@@ -17,12 +17,15 @@ from pydantic import BaseModel
 from peftcli.recipe import Recipe, method_classes
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
+METHODS_BEGIN, METHODS_END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+TABLE_MODEL = "builtin:llama-8b-random"  # the Llama-3.1-8B shape, counted on the meta device
 
 
 def starter_recipe(model: str | None = None, method: str = "lora") -> str:
     """A recipe with every field at its default, each with its description as a comment."""
     classes = method_classes()
     sections = {"method": classes[method]}
+    defaults = Recipe(method=classes[method]())  # a method can set another section's default (qlora: 4-bit)
     overrides = {("model", "base"): model} if model else {}
     lines = ["# peftcli recipe: every field with its default. Delete what you do not change.",
              "# Check it with `peft validate FILE`; train with `peft train FILE`.", ""]
@@ -33,7 +36,7 @@ def starter_recipe(model: str | None = None, method: str = "lora") -> str:
             continue
         lines += ["", f"# {field.description}", f"{name}:"]
         for key, sub in section.model_fields.items():
-            value = overrides.get((name, key), sub.get_default(call_default_factory=True))
+            value = overrides.get((name, key), getattr(getattr(defaults, name), key))
             lines.append(f"  {key}: {_yaml_value(value)}  # {sub.description}")
     return "\n".join(lines) + "\n"
 
@@ -43,7 +46,7 @@ def markdown_reference() -> str:
     out = []
     for name, field in Recipe.model_fields.items():
         section = _section(field.annotation)
-        if section is None:
+        if section is None and name != "method":  # the methods get a table each, below
             out += [f"`{name}` ({_type_name(field.annotation)}, default `{_yaml_value(field.default)}`): "
                     f"{field.description}.", ""]
     for name, field in Recipe.model_fields.items():
@@ -53,6 +56,23 @@ def markdown_reference() -> str:
         elif (section := _section(field.annotation)) is not None:
             out += _table(name, section, field.description)
     return "\n".join(out).rstrip() + "\n"
+
+
+def methods_table() -> str:
+    """Every method: what it trains, its trainable parameters on the Llama-3.1-8B shape at the
+    recipe's defaults (counted by peft on a meta-device model: no memory, no weights), mergeable or not."""
+    from peftcli import methods, models
+
+    config = models.load_config(TABLE_MODEL)
+    rows = ["| method | what is trained | trainable params, Llama-3.1-8B shape | mergeable |", "|---|---|---|---|"]
+    for name, cls in method_classes().items():
+        # AdaLoRA schedules its budget over the run's steps; the count does not depend on them.
+        model = methods.attach(models.build_empty(config), cls(), steps=1000)
+        trainable, total = model.get_nb_trainable_parameters()
+        mergeable = "yes" if name in methods.MERGEABLE else "no"
+        rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({100 * trainable / total:.2g}%) "
+                    f"| {mergeable} |")
+    return "\n".join(rows) + "\n"
 
 
 def _table(title: str, section: type[BaseModel], about: str | None) -> list[str]:
@@ -88,13 +108,18 @@ def _yaml_value(value) -> str:
 
 
 def update_readme(path: Path) -> bool:
-    """Rewrite the block between the markers; True when it changed."""
+    """Rewrite the blocks between the markers; True when one changed."""
     text = path.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    new = f"{head}{BEGIN}\n{markdown_reference()}{END}{tail}"
+    new = _replace_block(text, BEGIN, END, markdown_reference())
+    new = _replace_block(new, METHODS_BEGIN, METHODS_END, methods_table())
     path.write_text(new)
     return new != text
+
+
+def _replace_block(text: str, begin: str, end: str, content: str) -> str:
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{content}{end}{tail}"
 
 
 if __name__ == "__main__":

@@ -149,7 +149,16 @@ def model_card(report: dict) -> str:
         f"- eval loss: base {_fmt(ev['base_loss'])} → adapter {_fmt(ev['loss'])}", "",
         "```python",
         "from transformers import AutoModelForCausalLM",
-        "from peft import PeftModel",
-        "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
-        "model = PeftModel.from_pretrained(base, \"adapter\")",
+        *_loading_code(method["name"]),
         "```", ""])
+
+
+def _loading_code(method: str) -> list[str]:
+    """Stock peft loads every method but the bottleneck adapter, which peftcli registers with peft first."""
+    if method == "adapter":
+        return ["from peftcli.methods import load_adapter",
+                "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
+                "model = load_adapter(base, \"adapter\")"]
+    return ["from peft import PeftModel",
+            "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
+            "model = PeftModel.from_pretrained(base, \"adapter\")"]

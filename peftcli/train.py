@@ -48,6 +48,9 @@ def current_device() -> str:
 def check_runtime(recipe: Recipe, device: str) -> None:
     """Settings this machine cannot run, caught before anything heavy is loaded."""
     if recipe.model.load_in_4bit and device != "cuda":
+        if recipe.method.name == "qlora":
+            raise UserError("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU, and none is visible",
+                            where="method.name", hint="use method lora (the same adapter in 16/32-bit), or run on a GPU machine")
         raise UserError("4-bit loading (QLoRA) needs a CUDA GPU, and none is visible", where="model.load_in_4bit",
                         hint="set model.load_in_4bit: false to train in 16/32-bit, or run on a GPU machine")
 
@@ -95,9 +98,11 @@ def build_plan(recipe: Recipe) -> Plan:
     tokenizer = models.load_tokenizer(m.base, m.trust_remote_code)
     fmt, train, train_stats, evaluation, eval_stats = prepare_data(recipe, tokenizer)
     dtype = models.resolve_dtype(m.dtype, device)
-    model = models.load_model(m.base, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    model = models.load_model(m.base, dtype=dtype, trust_remote_code=m.trust_remote_code,
+                              **methods.loading_options(recipe, dtype))
     set_seed(recipe.train.seed)  # the adapter's initial weights depend on it
-    model = methods.attach(model, recipe.method)
+    model = methods.attach(model, recipe.method, steps=optimizer_steps(train_stats.examples, recipe),
+                           gradient_checkpointing=recipe.train.gradient_checkpointing)
     return Plan(recipe, device, dtype, model, tokenizer, fmt, train, evaluation, train_stats, eval_stats)
 
 
@@ -138,7 +143,7 @@ def training_arguments(plan: Plan, run: RunDir):
         include_num_input_tokens_seen="non_padding", use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, label_names=["labels"], report_to=[], disable_tqdm=True,
         log_level="error", log_level_replica="error",
-        **distributed.trainer_options(plan.recipe.distributed, plan.model.get_base_model(), t.gradient_checkpointing),
+        **distributed.trainer_options(plan.recipe.distributed, plan.model, t.gradient_checkpointing),
     )
 
 
@@ -161,6 +166,8 @@ def build_trainer(plan: Plan, run: RunDir, console):
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     trainer.add_callback(RichProgress(console))
+    for callback in methods.callbacks(plan.model, plan.recipe.method):
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -174,6 +181,8 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
         run.root.mkdir(parents=True, exist_ok=True)
         run.recipe.write_text(plan.recipe.to_yaml())
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
+    measure_base = plan.eval_data is not None
+    base_eval = _evaluate_base(trainer, plan) if measure_base and methods.base_was_rewritten(plan.model) else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     checkpoint = run.latest_checkpoint() if resume else None
@@ -184,7 +193,8 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
                          hint="lower train.batch_size or data.max_length, or set train.gradient_checkpointing: true"
                          ) from err
     final_eval = trainer.evaluate()["eval_loss"] if plan.eval_data is not None else None
-    base_eval = _evaluate_base(trainer, plan) if plan.eval_data is not None else None
+    if measure_base and base_eval is None:
+        base_eval = _evaluate_base(trainer, plan)
     save_adapter(plan, run, trainer)
     if not main:
         return {}
@@ -200,7 +210,10 @@ def _evaluate_base(trainer, plan: Plan) -> float:
 
     Measured after training, with the adapter switched off: an evaluation before training would
     move the data loaders' random state (accelerate synchronises it across processes) and change
-    what a multi-process run trains on."""
+    what a multi-process run trains on. PiSSA and OLoRA rewrite the base weights, so for them the
+    untrained adapter on the rewritten base (which equals the base) is measured before training."""
+    if methods.base_was_rewritten(plan.model):
+        return trainer.evaluate(metric_key_prefix="base")["base_loss"]
     with plan.model.disable_adapter():
         return trainer.evaluate(metric_key_prefix="base")["base_loss"]
 
@@ -217,7 +230,7 @@ def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
         trainer.save_model(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; recipe.yaml says it all
     elif main:
-        plan.model.save_pretrained(staging)
+        methods.save_adapter(plan.model, staging)
         plan.tokenizer.save_pretrained(staging)
     if main:
         if run.adapter.exists():

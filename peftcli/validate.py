@@ -3,12 +3,13 @@ modules (built on the meta device from its config), the data's columns, and the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from peftcli import data, methods, models
-from peftcli.methods.targets import linear_modules
+from peftcli.methods.targets import wrapped_modules
 from peftcli.recipe import Recipe
-from peftcli.train import check_runtime, current_device
+from peftcli.train import check_runtime, current_device, optimizer_steps
 
 
 def check(recipe: Recipe) -> dict:
@@ -16,30 +17,20 @@ def check(recipe: Recipe) -> dict:
     check_runtime(recipe, current_device())
     config = models.load_config(recipe.model.base, recipe.model.trust_remote_code)
     skeleton = models.build_empty(config)
-    peft_config = methods.peft_config(recipe.method, skeleton)
-    resolved = {"architecture": type(skeleton).__name__, "target_modules": concrete_targets(peft_config, skeleton)}
+    resolved: dict = {"architecture": type(skeleton).__name__}
+    steps = recipe.train.max_steps
     if _is_local(recipe.data.train):
         rows = data.load_rows(recipe.data.train, field="data.train")
         resolved["format"] = data.detect_format(rows.column_names, recipe.data.format,
                                                 where=f"data.train ({recipe.data.train})")
         resolved["train_rows"] = len(rows)
+        held_out = math.ceil(len(rows) * (recipe.data.eval_fraction or 0))  # as train_test_split rounds it
+        steps = optimizer_steps(len(rows) - held_out, recipe)
+    peft_config = methods.peft_config(recipe.method, skeleton, steps=steps)
+    targets = wrapped_modules(peft_config, skeleton)
+    if targets:
+        resolved["target_modules"] = targets
     return resolved
-
-
-def concrete_targets(peft_config, model) -> list[str]:
-    """The short names of the layers an adapter will wrap (all-linear skips the output layer)."""
-    targets = getattr(peft_config, "target_modules", None)
-    if targets is None:
-        return []
-    names = list(linear_modules(model))
-    if targets == "all-linear":
-        output = model.get_output_embeddings()
-        return [n for n in names if not any(m is output for m in _named(model, n))]
-    return sorted(set(targets), key=names.index)
-
-
-def _named(model, short: str):
-    return (m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == short)
 
 
 def _is_local(spec: str) -> bool:

