@@ -5,6 +5,8 @@ What a user can point at:
   saved recipe's `model.base` (and whether it was loaded in 4-bit, i.e. QLoRA);
 - an adapter directory (`adapter_config.json` + `adapter_model.safetensors`, as peft saves
   it): the base is its config's `base_model_name_or_path`; `<run>/adapter` counts as its run;
+- a run trained with method full holds no adapter but the whole model (`<run>/model`), which
+  `generate` loads as a model and `merge` has nothing to do with;
 - anything else is a model (`builtin:NAME`, a folder, a `.gguf` file, a hub id), for `generate`.
 `--base` overrides the base found. `merge` and `generate` load through here.
 """
@@ -56,6 +58,13 @@ class AdapterSource:
         return self.peft_type.lower()
 
 
+def full_run_model(path: str | Path) -> Path | None:
+    """The model folder of a run trained with method full (no adapter: the whole model), if `path` is one."""
+    path = Path(path)
+    model = path / "model"
+    return model if (path / RUN_RECIPE).is_file() and (model / "config.json").is_file() else None
+
+
 def is_adapter_path(path: str | Path) -> bool:
     """Whether `path` is a run directory or an adapter directory (else it names a model)."""
     path = Path(path)
@@ -73,7 +82,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     adapter_dir = run_dir / RUN_ADAPTER if run_dir else path
     config = read_adapter_config(adapter_dir)
     check_weights(adapter_dir)
-    training = _run_model_section(run_dir) if run_dir else {}
+    training = run_model_section(run_dir) if run_dir else {}
     trained_on = training["base"] if run_dir else config.get("base_model_name_or_path")
     if base is not None:
         found, origin = _resolve_base_option(base), "--base"
@@ -120,7 +129,7 @@ def check_weights(adapter_dir: Path) -> None:
                         hint="train or save the adapter again") from err
 
 
-def _run_model_section(run_dir: Path) -> dict[str, Any]:
+def run_model_section(run_dir: Path) -> dict[str, Any]:
     """The saved recipe's model section (and QLoRA settings), read without validating the data paths:
     a run's data may have moved since it was trained, and merging does not need it."""
     import yaml

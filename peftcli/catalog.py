@@ -1,5 +1,6 @@
 """The adapters in a folder (`peft adapters`): every run directory and adapter directory under it,
-with what each one is (base, method, rank, size) and how well it did (final eval loss).
+with what each one is (base, method, rank, size) and how well it did (final eval loss); runs of
+method full are listed too, their whole model standing where the adapter would.
 
 Each adapter is read the way `merge` and `generate` read it (`adapters.find_adapter`), its tensor
 count from the safetensors header (no weight is loaded), and its run's figures from report.json.
@@ -51,7 +52,7 @@ def adapter_folders(root: Path):
     """Run directories and adapter directories; a run's own adapter/ counts once, as its run."""
     for current, subfolders, _files in os.walk(root):
         folder = Path(current)
-        if adapters.is_adapter_path(folder):
+        if adapters.is_adapter_path(folder) or adapters.full_run_model(folder):
             subfolders.clear()  # what lies inside an adapter or a run is part of it
             yield folder
         else:
@@ -60,6 +61,8 @@ def adapter_folders(root: Path):
 
 def describe(folder: Path, root: Path) -> Entry:
     entry = Entry(name=str(folder.relative_to(root)) if folder != root else folder.name, path=str(folder))
+    if (model := adapters.full_run_model(folder)) is not None:
+        return _describe_full_run(entry, folder, model)
     try:
         source = adapters.find_adapter(folder)
     except UserError as err:
@@ -75,6 +78,24 @@ def describe(folder: Path, root: Path) -> Entry:
     entry.eval_loss = (run_report.get("eval") or {}).get("loss")
     entry.date = run_report.get("started_at") or datetime.fromtimestamp(
         weights.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    return entry
+
+
+def _describe_full_run(entry: Entry, run: Path, model: Path) -> Entry:
+    """A run of method full: its model stands where an adapter would (figures from its report)."""
+    try:
+        entry.base = builtin_name(adapters.run_model_section(run)["base"])
+    except UserError as err:
+        entry.problem = err.message
+        return entry
+    weights = sorted(model.glob("*.safetensors"))
+    run_report = _report(run)
+    entry.method = "full"
+    entry.trainable_params = (run_report.get("params") or {}).get("trainable")
+    entry.weights_bytes = sum(w.stat().st_size for w in weights)
+    entry.eval_loss = (run_report.get("eval") or {}).get("loss")
+    entry.date = run_report.get("started_at") or (datetime.fromtimestamp(
+        weights[0].stat().st_mtime, timezone.utc).isoformat(timespec="seconds") if weights else None)
     return entry
 
 

@@ -157,7 +157,13 @@ def merge(source: Annotated[Path, typer.Argument(help="a run directory or an ada
           overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the merged model already in the output directory")] = False,
           debug: DebugOption = False):
     """Fold an adapter into its base: a plain transformers model, verified against the adapter model."""
+    from peftcli.adapters import full_run_model
     from peftcli.merge import run_merge
+
+    if (full_model := full_run_model(source)) is not None:
+        console.print(f"nothing to merge: {source} fine-tuned the whole model (method full), so there is no adapter; "
+                      f"{full_model} is already a plain transformers model")
+        return
 
     merged, where = run_merge(source, output=output, base=base, dtype=dtype, device=device, verify=verify,
                               dequantize=dequantize, overwrite=overwrite, console=console)

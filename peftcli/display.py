@@ -85,7 +85,7 @@ def adapters_table(entries: list, root: str) -> Table:
             table.add_row(e.name, f"[red]{e.problem}[/]", *[""] * 6)
             continue
         table.add_row(e.name, e.base, e.method, _or_dash(e.rank), _or_dash(e.trainable_params),
-                      byte_size(e.weights_bytes), _or_dash(e.eval_loss), e.date[:10])
+                      byte_size(e.weights_bytes), _or_dash(e.eval_loss), (e.date or "")[:10])
     return table
 
 

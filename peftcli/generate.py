@@ -100,8 +100,9 @@ def load_for_inference(target: str, *, base: str | None = None, dtype: str = "au
     if base is not None:
         raise UserError("--base goes with an adapter, and this is a model", where=target,
                         hint="drop --base, or give a run directory or an adapter directory")
-    model, tokenizer = _load_model(target, dtype_arg, device)
-    return Loaded(model, tokenizer, target)
+    full_model = adapters.full_run_model(target)
+    model, tokenizer = _load_model(str(full_model or target), dtype_arg, device)
+    return Loaded(model, tokenizer, f"{full_model} (fully fine-tuned)" if full_model else target)
 
 
 def load_with_adapters(base: str, named: dict[str, str], *, use: str | None = None, dtype: str = "auto",

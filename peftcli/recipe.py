@@ -286,8 +286,24 @@ class AdapterMethod(TargetedMethod):
         return self
 
 
+class FullMethod(MethodSection):
+    """Full fine-tuning: the model's own parameters train (all, or those of trainable_modules), no adapter; the baseline to compare the PEFT methods with. The run saves the whole model."""
+
+    name: Literal["full"] = Field("full", description="the PEFT method")
+    trainable_modules: list[Annotated[str, Field(min_length=1)]] | Literal["all"] = Field(
+        "all", description="whose parameters train: all, or a list of module names (a name matches every module "
+                           "ending in it, e.g. mlp, h.0, lm_head); the others stay frozen")
+
+    @field_validator("trainable_modules")
+    @classmethod
+    def _some(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use all")
+        return value
+
+
 Method = Annotated[Union[LoraMethod, QloraMethod, DoraMethod, RsloraMethod, Ia3Method, PrefixMethod, PromptMethod,
-                         PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod, AdapterMethod],
+                         PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod, AdapterMethod, FullMethod],
                    Field(discriminator="name")]
 
 
@@ -378,6 +394,9 @@ class Recipe(Section):
         if method.name == "qlora" and "load_in_4bit" in model.model_fields_set and not model.load_in_4bit:
             raise ValueError("qlora loads the base in 4-bit; drop model.load_in_4bit: false, or use method lora")
         four_bit = model.load_in_4bit or method.name == "qlora"
+        if four_bit and method.name == "full":
+            raise ValueError("full fine-tuning trains the weights themselves, and 4-bit weights cannot be trained; "
+                             "set model.load_in_4bit: false, or train an adapter on the 4-bit base (e.g. qlora)")
         if four_bit and method.name not in FOUR_BIT_METHODS:
             raise ValueError(f"{method.name} cannot train on a 4-bit base (peft has no 4-bit {method.name} layer); "
                              f"set model.load_in_4bit: false, or use one of: {', '.join(FOUR_BIT_METHODS)}")

@@ -68,9 +68,10 @@ def methods_table() -> str:
     for name, cls in method_classes().items():
         # AdaLoRA schedules its budget over the run's steps; the count does not depend on them.
         model = methods.attach(models.build_empty(config), cls(), steps=1000)
-        trainable, total = model.get_nb_trainable_parameters()
-        mergeable = "yes" if name in methods.MERGEABLE else "no"
-        rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({100 * trainable / total:.2g}%) "
+        trainable, total = methods.trainable_parameters(model)
+        mergeable = "yes" if name in methods.MERGEABLE else "no adapter" if name == "full" else "no"
+        share = "100" if trainable == total else f"{100 * trainable / total:.2g}"
+        rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({share}%) "
                     f"| {mergeable} |")
     return "\n".join(rows) + "\n"
 

@@ -113,7 +113,7 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
         ("eval perplexity: base → trained", f"{_fmt(ev['base_perplexity'])} → {_fmt(ev['perplexity'])}"),
         ("wall time", f"{report['wall_time_s']:.1f} s"),
         (f"peak memory ({mem['measure']})", f"{mem['peak_gib']:.3f} GiB"),
-        ("adapter size", f"{report['artifacts']['adapter_bytes']:,} bytes"),
+        _saved_size(report["artifacts"]),
         ("hardware", report["hardware"]["gpu"] or report["hardware"]["cpu"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
     ]
@@ -126,9 +126,19 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
               f"token), {data['target_tokens']:,} target tokens per epoch."]
     if plot_name:
         lines += ["", "## Loss", "", f"![loss]({plot_name})"]
-    lines += ["", "The adapter is in `adapter/`; load it with "
-              "`peft.PeftModel.from_pretrained(base_model, \"adapter\")`.", ""]
+    if "model_dir" in report["artifacts"]:
+        lines += ["", "The fine-tuned model is in `model/`; load it with "
+                  "`transformers.AutoModelForCausalLM.from_pretrained(\"model\")`.", ""]
+    else:
+        lines += ["", "The adapter is in `adapter/`; load it with "
+                  "`peft.PeftModel.from_pretrained(base_model, \"adapter\")`.", ""]
     return "\n".join(lines)
+
+
+def _saved_size(artifacts: dict) -> tuple[str, str]:
+    if "model_dir" in artifacts:
+        return "model size", f"{artifacts['model_bytes']:,} bytes"
+    return "adapter size", f"{artifacts['adapter_bytes']:,} bytes"
 
 
 def _fmt(value: float | None) -> str:
@@ -139,6 +149,8 @@ def model_card(report: dict) -> str:
     """The adapter's README.md: what it is, how it was trained and how to load it."""
     method, params, ev = report["method"], report["params"], report["eval"]
     settings = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    if method["name"] == "full":
+        return _full_model_card(report, settings)
     return "\n".join([
         "---", "library_name: peft", "tags: [peftcli, " + method["name"] + "]", "---", "",
         f"# {report['name']}", "",
@@ -162,3 +174,18 @@ def _loading_code(method: str) -> list[str]:
     return ["from peft import PeftModel",
             "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",
             "model = PeftModel.from_pretrained(base, \"adapter\")"]
+
+
+def _full_model_card(report: dict, settings: str) -> str:
+    """A fully fine-tuned model's README.md: a plain transformers model, no adapter."""
+    params, ev = report["params"], report["eval"]
+    return "\n".join([
+        "---", "library_name: transformers", f"base_model: {json.dumps(report['model']['base'])}",
+        "tags: [peftcli, full-fine-tuning]", "---", "", f"# {report['name']}", "",
+        f"`{report['model']['base']}` fully fine-tuned with peftcli (no adapter: the model's own weights trained).", "",
+        f"- method: full ({settings})",
+        f"- trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)",
+        f"- steps: {report['training']['steps']}, tokens: {report['training']['tokens']:,}",
+        f"- eval loss: base {_fmt(ev['base_loss'])} → fine-tuned {_fmt(ev['loss'])}", "",
+        "```python", "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("model")', "```", ""])

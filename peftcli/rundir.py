@@ -1,6 +1,7 @@
 """The run directory: its layout, and the rules that keep an earlier run from being lost.
 
     <run>/adapter/       the trained adapter (stock peft loads it), tokenizer, model card
+    <run>/model/         instead, with method full: the whole fine-tuned model (stock transformers loads it)
     <run>/recipe.yaml    the resolved recipe
     <run>/report.json    figures for programs; report.md and loss.png for people
     <run>/checkpoints/   resumable Trainer checkpoints
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from peftcli.errors import UserError
 
-ARTIFACTS = ("adapter", "checkpoints", "recipe.yaml", "report.json", "report.md", "loss.png")
+ARTIFACTS = ("adapter", "model", "checkpoints", "recipe.yaml", "report.json", "report.md", "loss.png")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
 
     @property
     def checkpoints(self) -> Path:

@@ -36,7 +36,7 @@ class Plan:
         return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size())
 
     def trainable_params(self) -> tuple[int, int]:
-        return self.model.get_nb_trainable_parameters()
+        return methods.trainable_parameters(self.model)
 
 
 def current_device() -> str:
@@ -182,7 +182,7 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
         run.recipe.write_text(plan.recipe.to_yaml())
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
     measure_base = plan.eval_data is not None
-    base_eval = _evaluate_base(trainer, plan) if measure_base and methods.base_was_rewritten(plan.model) else None
+    base_eval = _evaluate_base(trainer, plan) if measure_base and methods.measures_base_first(plan.model) else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     checkpoint = run.latest_checkpoint() if resume else None
@@ -201,7 +201,7 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
     result_report = build_report(plan, run, trainer, result, base_eval, final_eval, started_at,
                                  time.perf_counter() - clock)
     report.write(result_report, run.report_json, run.report_md, run.loss_plot)
-    (run.adapter / "README.md").write_text(report.model_card(result_report))
+    (saved_dir(plan, run) / "README.md").write_text(report.model_card(result_report))
     return result_report
 
 
@@ -211,19 +211,27 @@ def _evaluate_base(trainer, plan: Plan) -> float:
     Measured after training, with the adapter switched off: an evaluation before training would
     move the data loaders' random state (accelerate synchronises it across processes) and change
     what a multi-process run trains on. PiSSA and OLoRA rewrite the base weights, so for them the
-    untrained adapter on the rewritten base (which equals the base) is measured before training."""
-    if methods.base_was_rewritten(plan.model):
+    untrained adapter on the rewritten base (which equals the base) is measured before training;
+    full fine-tuning rewrites the base itself, which is measured before training too."""
+    if methods.measures_base_first(plan.model):
         return trainer.evaluate(metric_key_prefix="base")["base_loss"]
     with plan.model.disable_adapter():
         return trainer.evaluate(metric_key_prefix="base")["base_loss"]
 
 
+def saved_dir(plan: Plan, run: RunDir):
+    """Where the run's result goes: the adapter, or with full fine-tuning the whole model."""
+    return run.adapter if methods.has_adapter(plan.model) else run.model
+
+
 def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
-    """Write the adapter beside its final place and rename it in, so a crash never leaves half of one.
+    """Write the adapter (the model, with full fine-tuning) beside its final place and rename it in,
+    so a crash never leaves half of one.
 
     Rank 0 writes; under FSDP every rank takes part in gathering the sharded adapter weights."""
     main = trainer.is_world_process_zero()
-    staging = run.root / ".adapter.partial"
+    final = saved_dir(plan, run)
+    staging = run.root / f".{final.name}.partial"
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     if trainer.is_fsdp_enabled:
@@ -233,9 +241,9 @@ def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
         methods.save_adapter(plan.model, staging)
         plan.tokenizer.save_pretrained(staging)
     if main:
-        if run.adapter.exists():
-            shutil.rmtree(run.adapter)
-        staging.rename(run.adapter)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -251,7 +259,8 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 2),
         "model": {"base": plan.recipe.model.base, "dtype": str(plan.dtype).removeprefix("torch."),
-                  "architecture": type(plan.model.get_base_model()).__name__, "device": plan.device},
+                  "architecture": type(getattr(plan.model, "get_base_model", lambda: plan.model)()).__name__,
+                  "device": plan.device},
         "method": plan.recipe.method.model_dump(mode="json"),
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
         "data": {"format": plan.data_format, "train": plan.train_stats.as_dict(),
@@ -268,8 +277,16 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
                  "history": [{"step": e["step"], "loss": e["eval_loss"]} for e in logs if "eval_loss" in e]},
         "memory": report.peak_memory(),
         "distributed": {"processes": trainer.args.world_size, "strategy": plan.recipe.distributed.strategy},
-        "artifacts": {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
-                      "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size},
+        "artifacts": artifacts(plan, run),
         "versions": report.versions(),
         "hardware": report.hardware(),
     }
+
+
+def artifacts(plan: Plan, run: RunDir) -> dict:
+    """What the run saved and its size: the adapter, or with full fine-tuning the model."""
+    if not methods.has_adapter(plan.model):
+        return {"model_dir": str(run.model), "model_bytes": report.directory_bytes(run.model),
+                "model_weights_bytes": sum(p.stat().st_size for p in run.model.glob("*.safetensors"))}
+    return {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
+            "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from peftcli import data, methods, models
+from peftcli.methods import full
 from peftcli.methods.targets import wrapped_modules
 from peftcli.recipe import Recipe
 from peftcli.train import check_runtime, current_device, optimizer_steps
@@ -26,6 +27,12 @@ def check(recipe: Recipe) -> dict:
         resolved["train_rows"] = len(rows)
         held_out = math.ceil(len(rows) * (recipe.data.eval_fraction or 0))  # as train_test_split rounds it
         steps = optimizer_steps(len(rows) - held_out, recipe)
+    if recipe.method.name == "full":
+        modules = recipe.method.trainable_modules
+        if modules != "all":
+            full.selected_modules(skeleton, modules)
+        resolved["trainable_modules"] = modules
+        return resolved
     peft_config = methods.peft_config(recipe.method, skeleton, steps=steps)
     targets = wrapped_modules(peft_config, skeleton)
     if targets:

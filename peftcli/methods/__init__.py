@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftcli.methods import adalora, bottleneck, ia3, lora, lycoris, prompt_learning, vera
+from peftcli.methods import adalora, bottleneck, full, ia3, lora, lycoris, prompt_learning, vera
 from peftcli.methods.targets import resolve_targets
 
 LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
@@ -50,12 +50,15 @@ def loading_options(recipe, dtype) -> dict:
 
 
 def attach(model, method, *, steps: int | None = None, gradient_checkpointing: bool = False):
-    """`model` wrapped as a PeftModel with a fresh adapter; only the adapter is trainable.
+    """`model` wrapped as a PeftModel with a fresh adapter; only the adapter is trainable (with
+    method full, the model itself with its chosen parameters trainable).
 
     A 4-bit base is first prepared for training as QLoRA does (norms in fp32, input gradients
     for checkpointing)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if method.name == "full":
+        return full.prepare(model, method)
     config = peft_config(method, model, steps=steps)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
@@ -76,9 +79,31 @@ def base_was_rewritten(model) -> bool:
     return lora.converts_on_save(model)
 
 
+def has_adapter(model) -> bool:
+    """Whether `model` is a peft model (every method but full fine-tuning)."""
+    return hasattr(model, "peft_config")
+
+
+def measures_base_first(model) -> bool:
+    """Whether the base's eval loss must be measured before training, because no switch gives it back
+    afterwards: PiSSA and OLoRA rewrite the base before training, full fine-tuning during it."""
+    return base_was_rewritten(model) or not has_adapter(model)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, each counted once (peft's count for a peft model)."""
+    if has_adapter(model):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())  # shared (tied) weights come once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def save_adapter(model, directory: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors, loadable onto the unchanged base."""
-    if base_was_rewritten(model):
+    """adapter_config.json + adapter_model.safetensors, loadable onto the unchanged base; with full
+    fine-tuning, the whole model as a transformers model folder (safetensors)."""
+    if not has_adapter(model):
+        model.save_pretrained(directory)
+    elif base_was_rewritten(model):
         lora.save_converted(model, directory)
     else:
         model.save_pretrained(directory)
