@@ -69,13 +69,13 @@ def load_config(base: str, trust_remote_code: bool = False):
                                           trust_remote_code=trust_remote_code)
 
 
-def build_empty(config):
+def build_empty(config, dtype=None):
     """The model's module tree on the meta device: shapes and names, no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def resolve_dtype(name: str, device: str):
