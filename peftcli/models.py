@@ -71,11 +71,13 @@ def load_config(base: str, trust_remote_code: bool = False):
 
 def build_empty(config, dtype=None):
     """The model's module tree on the meta device: shapes and names, no memory, no weights."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):  # a copy: from_config writes the dtype into the config it is given
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
 
 
 def resolve_dtype(name: str, device: str):

@@ -200,11 +200,27 @@ def _same(values) -> int | None:
 
 def adapter_file(model) -> dict:
     """adapter_model.safetensors as peft writes it: the adapter's tensors, their dtype and the file size."""
-    from peft.utils import get_peft_model_state_dict
-
-    tensors = get_peft_model_state_dict(model)
+    tensors = saved_tensors(model)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {"dtype": ", ".join(dtypes), "tensors": len(tensors), "bytes": safetensors_size(tensors)}
+
+
+def saved_tensors(model) -> dict:
+    """The tensors peft's save_pretrained writes, as meta tensors: names, shapes and dtypes."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = model.active_peft_config
+    if not config.is_prompt_learning:
+        return get_peft_model_state_dict(model)
+    # A prompt-learning adapter is saved as its prompt encoder's output for the virtual tokens,
+    # which peft copies to the CPU (get_prompt_embedding_to_save); a meta tensor has no copy.
+    from peft import PeftType
+
+    adapter = model.active_adapter
+    tokens = model.prompt_tokens[adapter].unsqueeze(0)
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        tokens = tokens[:, :config.num_virtual_tokens]
+    return {"prompt_embeddings": model.prompt_encoder[adapter](tokens)[0]}
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
@@ -418,12 +434,23 @@ def estimate(recipe: Recipe, skeleton: Skeleton, *, batch_size: int, seq_len: in
     optimizer = "adamw_torch_fused" if recipe.train.optim == "auto" else recipe.train.optim
     census = Census.of(skeleton)
     dtype_bytes = training_dtype(recipe).itemsize
-    setups = {name: _setup(name, census, shape, batch_size * seq_len, optimizer, dtype_bytes,
-                           SETUP_LABELS[name].format(method=recipe.method.name))
+    virtual = virtual_tokens(skeleton.model)
+    setups = {name: _setup(name, census, shape, batch_size * (seq_len + (0 if name == "full" else virtual)),
+                           optimizer, dtype_bytes, SETUP_LABELS[name].format(method=recipe.method.name))
               for name in SETUP_LABELS}
     selected = "adapter_4bit" if is_4bit(recipe) else "adapter"
     notes = _notes(recipe, skeleton.config, shape)
     return Estimate(batch_size, seq_len, optimizer, recipe.train.gradient_checkpointing, selected, setups, notes)
+
+
+def virtual_tokens(model) -> int:
+    """Tokens prompt and p-tuning put before every row (prefix tuning adds them to attention's keys only)."""
+    from peft import PeftType
+
+    config = model.active_peft_config
+    if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
+        return config.num_virtual_tokens
+    return 0
 
 
 def _notes(recipe: Recipe, config, shape: Shape | None) -> list[str]:

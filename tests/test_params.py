@@ -62,6 +62,36 @@ def test_counts_equal_what_peft_reports_for_the_real_model(arch, method, config_
     assert sum(g.trainable_params for g in counts.groups) == counts.trainable
 
 
+def peft_configs():
+    """One config of each peft family, until the recipe offers them all (methods.CONFIG_BUILDERS)."""
+    import peft
+
+    linear = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"])
+    return {
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "p_tuning": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=32),
+        "ia3": peft.IA3Config(**linear, feedforward_modules=["down_proj"]),
+        "loha": peft.LoHaConfig(**linear, r=4),
+        "lokr": peft.LoKrConfig(**linear, r=4),
+        "vera": peft.VeraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "o_proj"], r=16),
+        "adalora": peft.AdaLoraConfig(**linear, total_step=10),
+        "dora": peft.LoraConfig(**linear, use_dora=True),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(peft_configs()))
+def test_other_peft_methods_are_counted_like_peft_does(family, config_dirs, monkeypatch, tmp_path):
+    monkeypatch.setattr(methods, "peft_config", lambda method, model: peft_configs()[family])
+    recipe = recipe_for(config_dirs["llama"])
+    accounting = params.account(recipe, batch_size=1, seq_len=16)
+    model = real_peft_model(recipe)
+    assert (accounting.counts.trainable, accounting.counts.total) == model.get_nb_trainable_parameters()
+    model.save_pretrained(tmp_path)
+    assert accounting.counts.adapter_file["bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert accounting.memory.bytes > 0
+
+
 def test_the_module_table_names_each_kind_once_with_its_sizes(config_dirs):
     groups = {g.name: g for g in params.account(recipe_for(config_dirs["llama"])).counts.groups}
     q = groups["model.layers.*.self_attn.q_proj"]
