@@ -270,6 +270,45 @@ def _in_use(loaded) -> str:
     return f"; using {loaded.active}" if loaded.active not in (None, "default") else ""
 
 
+@app.command("count-params")
+@reports_errors
+def count_params(
+        recipe: Annotated[Optional[Path], typer.Argument(help="the recipe YAML file; or describe one with --model", show_default=False)] = None,
+        set_: SetOption = None,
+        model: Annotated[Optional[str], typer.Option("--model", help="model.base: builtin:NAME, a folder with config.json, a .gguf file or a hub id")] = None,
+        method: Annotated[Optional[str], typer.Option("--method", help="method.name")] = None,
+        r: Annotated[Optional[int], typer.Option("--r", help="method.r, the LoRA rank")] = None,
+        target_modules: Annotated[Optional[str], typer.Option("--target-modules", help="method.target_modules: names separated by commas, or all-linear")] = None,
+        load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="model.load_in_4bit: count and estimate a 4-bit base (QLoRA)")] = False,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="rows per step for the memory estimate (train.batch_size)")] = None,
+        seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per row for the memory estimate (data.max_length)")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+        debug: DebugOption = False):
+    """Count parameters and estimate training memory, building the model on the meta device (no weights)."""
+    import json
+
+    from peftcli.params import account
+    from peftcli.recipe import load_recipe, recipe_from_overrides
+
+    if recipe is None and model is None:
+        raise UserError("give a recipe file or --model", hint="e.g. peft count-params --model builtin:llama-8b-random")
+    if target_modules is not None and target_modules != "all-linear":
+        target_modules = "[" + target_modules + "]"  # a YAML list, validated like the recipe's
+    flags = {"model.base": model, "method.name": method, "method.r": r, "method.target_modules": target_modules,
+             "model.load_in_4bit": "true" if load_in_4bit else None, "train.batch_size": batch_size,
+             "data.max_length": seq_len}
+    overrides = [*(set_ or []), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    resolved = load_recipe(recipe, overrides) if recipe else recipe_from_overrides(overrides, base_dir=Path.cwd())
+    with console.status("building the model on the meta device"):
+        result = account(resolved)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    for table in display.params_tables(result):
+        console.print(table)
+        console.print()
+
+
 def main() -> None:
     quiet_libraries()
     app(prog_name="peft")

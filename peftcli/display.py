@@ -114,3 +114,88 @@ def combine_table(record: dict, where: str) -> Table:
     if check:
         rows["combined vs base"] = _comparison(check["combined_vs_base"])
     return key_values("Combined", rows)
+
+
+def params_tables(accounting) -> list[Table]:
+    """peft count-params: the counts, the table of module kinds, and the memory estimate."""
+    return [_counts_table(accounting), _modules_table(accounting.counts), _memory_table(accounting.memory)]
+
+
+def _counts_table(accounting) -> Table:
+    c = accounting.counts
+    f = c.adapter_file
+    rows = {"model": f"{accounting.recipe.model.base} ({accounting.architecture})",
+            "method": accounting.recipe.method.name,
+            "total params": c.total,
+            "trainable params": f"{c.trainable:,} ({c.trainable_percent:.4f}%)",
+            "model file" if accounting.recipe.method.name == "full" else "adapter file":
+                f"{_bytes(f['bytes'])} ({f['tensors']} tensors, {f['dtype']})"}
+    if c.four_bit:
+        rows["4-bit layers"] = "counted as peft counts them: 2 parameters per stored byte (the unquantized count)"
+    return key_values("Parameters (as peft's get_nb_trainable_parameters() reports them)", rows)
+
+
+def _modules_table(counts) -> Table:
+    table = Table(title="Modules (--json gives their full paths)", title_justify="left", box=None, padding=(0, 1))
+    table.add_column("module", overflow="fold")
+    for column in ("count", "base each", "adapter each", "params"):
+        table.add_column(column, justify="right", no_wrap=True)
+    names = _short_names([g.name for g in counts.groups])
+    for g in counts.groups:
+        table.add_row(names[g.name], f"{g.modules:,}", _each(g.base_params_each, g.base_params, g.modules),
+                      _each(g.adapter_params_each, g.adapter_params, g.modules), f"{g.params:,}")
+    return table
+
+
+def _short_names(names: list[str]) -> dict[str, str]:
+    """Each module path by its shortest tail that no other path shares (q_proj, attn.c_proj, mlp.c_proj)."""
+    short = {}
+    for name in names:
+        parts = name.split(".")
+        for start in range(len(parts) - 1, -1, -1):
+            tail = ".".join(parts[start:])
+            if not any(other != name and (other == tail or other.endswith("." + tail)) for other in names):
+                short[name] = tail
+                break
+    return short
+
+
+def _each(value: int | None, total: int, modules: int) -> str:
+    return f"{value:,}" if value is not None else f"{total / modules:,.0f} (mean)"
+
+
+MEMORY_ROWS = [("weights (frozen)", "weights"), ("trainable parameters", "trainable"), ("gradients", "gradients"),
+               ("optimizer states", "optimizer"), ("activations", "activations"),
+               ("activations, checkpointed", "activations_checkpointed"), ("logits and loss", "logits"),
+               ("framework overhead", "overhead")]
+
+
+def _memory_table(memory) -> Table:
+    title = (f"Training memory estimate: batch {memory.batch_size} × {memory.seq_len} tokens, CUDA, bf16 autocast, "
+             f"{memory.optimizer}")
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1))
+    table.add_column("", no_wrap=True)
+    for name, setup in memory.setups.items():
+        mark = " ◀" if name == memory.selected else ""
+        table.add_column(setup.label + mark, justify="right")
+    setups = list(memory.setups.values())
+    for label, key in MEMORY_ROWS:
+        table.add_row(label, *(_bytes(getattr(s, key)) for s in setups))
+    table.add_row("[bold]total[/]", *(f"[bold]{_bytes(s.total(False))}[/]" for s in setups))
+    table.add_row("[bold]total, checkpointed[/]", *(f"[bold]{_bytes(s.total(True))}[/]" for s in setups))
+    trained = "adapter" if "adapter" in memory.setups else memory.selected  # method full has one setup
+    variants = memory.setups[trained].optimizer_variants
+    table.caption = ("◀ what the recipe runs (gradient checkpointing "
+                     f"{'on' if memory.gradient_checkpointing else 'off'}). {trained.capitalize()} optimizer states: "
+                     + ", ".join(f"{k} {_bytes(v)}" for k, v in variants.items())
+                     + " (paged ones live in CUDA managed memory, outside torch's allocator). "
+                     "Not counted: the CUDA context (~0.5 GiB). " + " ".join(memory.notes))
+    table.caption_justify = "left"
+    return table
+
+
+def _bytes(value: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:,.2f} {unit}"
+    return f"{value} B"

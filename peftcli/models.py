@@ -69,13 +69,15 @@ def load_config(base: str, trust_remote_code: bool = False):
                                           trust_remote_code=trust_remote_code)
 
 
-def build_empty(config):
+def build_empty(config, dtype=None):
     """The model's module tree on the meta device: shapes and names, no memory, no weights."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # a copy: from_config writes the dtype into the config it is given
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
 
 
 def resolve_dtype(name: str, device: str):
@@ -114,12 +116,15 @@ def load_model(base: str, *, dtype, trust_remote_code: bool = False, quantizatio
     return model
 
 
-def four_bit_config(compute_dtype, quant_type: str = "nf4"):
-    """QLoRA's 4-bit loading: NF4 (or FP4) weights with double quantization, matmuls in `compute_dtype`."""
+def four_bit_config(compute_dtype, quant_type: str = "nf4", double_quant: bool = True, storage_dtype=None):
+    """QLoRA's 4-bit loading: NF4 (or FP4) weights, double quantization, matmuls in `compute_dtype`.
+
+    `storage_dtype` packs the 4-bit weights in a float dtype, which FSDP needs to shard them."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    extra = {"bnb_4bit_quant_storage": storage_dtype} if storage_dtype is not None else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, **extra)
 
 
 def load_tokenizer(base: str, trust_remote_code: bool = False):

@@ -458,6 +458,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, base_dir=path.resolve().parent, source=str(path), text=text, overrides=overrides)
 
 
+def recipe_from_overrides(overrides: list[str] | tuple[str, ...], *, base_dir: Path) -> Recipe:
+    """A recipe written on the command line: the defaults with `KEY=VALUE` overrides, validated like a file."""
+    raw: dict = {}
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, base_dir=base_dir, source="command line", overrides=overrides)
+
+
 def validate_recipe(raw: dict, *, base_dir: Path, source: str = "recipe", text: str | None = None,
                     overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     try:

@@ -247,6 +247,19 @@ def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def memory_estimate(plan: Plan) -> dict:
+    """peft count-params' estimate for this run, at its batch size and its longest (padded) example."""
+    from peftcli import params
+
+    longest = max(len(ids) for ids in plan.train_data["input_ids"])
+    if plan.device == "cuda":
+        longest = math.ceil(longest / 8) * 8  # the collator pads to a multiple of 8 on a GPU
+    try:
+        return params.report_estimate(plan.recipe, batch_size=plan.recipe.train.batch_size, seq_len=longest)
+    except Exception as err:  # an estimate must never cost the report of a finished run
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall) -> dict:
     state = trainer.state
     trainable, total = plan.trainable_params()
@@ -275,7 +288,7 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
         "eval": {"base_loss": base_eval, "base_perplexity": report.perplexity(base_eval),
                  "loss": final_eval, "perplexity": report.perplexity(final_eval),
                  "history": [{"step": e["step"], "loss": e["eval_loss"]} for e in logs if "eval_loss" in e]},
-        "memory": report.peak_memory(),
+        "memory": {**report.peak_memory(), "estimate": memory_estimate(plan)},
         "distributed": {"processes": trainer.args.world_size, "strategy": plan.recipe.distributed.strategy},
         "artifacts": artifacts(plan, run),
         "versions": report.versions(),

@@ -153,3 +153,28 @@ def task_runs(tmp_path_factory):
                                     data={"train": str(counting), "format": "completion"},
                                     train={"max_steps": 6, "lr": 2e-2, "batch_size": 3}), runs / "count"),
     }
+
+
+def saved_tensor_bytes(loss, exclude=()) -> int:
+    """Bytes autograd keeps for the backward of `loss`: each storage once, parameters left out."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen, stack, visited = {}, [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:  # a saved value already freed or not a tensor
+                continue
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in skip:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(seen.values())

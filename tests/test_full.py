@@ -121,3 +121,21 @@ def test_dry_run_plans_every_parameter(peft, write_recipe):
     result = peft("train", write_recipe(recipe), "--dry-run")
     assert result.code == 0 and "full" in result.output, result
     assert re.search(r"trainable percent +100\.0 ", result.output), result.output
+
+
+def test_count_params_covers_full_fine_tuning(write_recipe):
+    from peftcli import params
+    from peftcli.recipe import load_recipe
+
+    recipe = tiny_recipe()
+    recipe["method"] = {"name": "full", "trainable_modules": ["mlp"]}
+    accounting = params.account(load_recipe(write_recipe(recipe)), batch_size=2, seq_len=64)
+    base = base_model()
+    mlp = sum(p.numel() for n, p in base.named_parameters() if ".mlp." in n)
+    assert (accounting.counts.trainable, accounting.counts.total) == (mlp, sum(p.numel() for p in base.parameters()))
+    memory = accounting.memory
+    assert memory.selected == "full" and list(memory.setups) == ["full"]
+    setup = memory.setups["full"]
+    assert setup.trainable == 2 * mlp and setup.gradients == 2 * mlp  # bf16 on a GPU
+    assert setup.weights == 2 * (accounting.counts.total - mlp)  # the frozen rest
+    assert setup.optimizer == 2 * 2 * mlp  # AdamW's two states per trained parameter

@@ -7,6 +7,7 @@ every method shares: 4-bit loading, attaching, callbacks, saving and loading ada
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from peftcli.methods import adalora, bottleneck, full, ia3, lora, lycoris, prompt_learning, vera
@@ -46,7 +47,10 @@ def loading_options(recipe, dtype) -> dict:
     if not recipe.model.load_in_4bit:
         return {}
     compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    return {"quantization_config": lora.quantization_config(recipe.method, compute), "device_map": {"": 0}}
+    storage = compute if recipe.distributed.strategy == "fsdp" else None  # FSDP shards float storage only
+    local_gpu = int(os.environ.get("LOCAL_RANK", "0"))  # each process of a multi-GPU run loads onto its own GPU
+    return {"quantization_config": lora.quantization_config(recipe.method, compute, storage),
+            "device_map": {"": local_gpu}}
 
 
 def attach(model, method, *, steps: int | None = None, gradient_checkpointing: bool = False):

@@ -29,13 +29,12 @@ def peft_config(method, targets):
                       use_dora=method.name == "dora" or getattr(method, "use_dora", False))
 
 
-def quantization_config(method, compute_dtype):
+def quantization_config(method, compute_dtype, storage_dtype=None):
     """bitsandbytes 4-bit settings: the qlora method's, else NF4 with double quantization."""
-    from transformers import BitsAndBytesConfig
+    from peftcli.models import four_bit_config
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=getattr(method, "quant_type", "nf4"),
-                              bnb_4bit_use_double_quant=getattr(method, "double_quant", True),
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return four_bit_config(compute_dtype, getattr(method, "quant_type", "nf4"), getattr(method, "double_quant", True),
+                           storage_dtype)
 
 
 def after_attach(model, method) -> None:
