@@ -5,6 +5,8 @@ What a user can point at:
   saved recipe's `model.base` (and whether it was loaded in 4-bit, i.e. QLoRA);
 - an adapter directory (`adapter_config.json` + `adapter_model.safetensors`, as peft saves
   it): the base is its config's `base_model_name_or_path`; `<run>/adapter` counts as its run;
+  a mixed adapter (several methods, `method:` as a list) is a folder of such directories with a
+  `mixed.json` manifest (peftcli.methods.mixed), loaded as one adapter;
 - a run trained with method full holds no adapter but the whole model (`<run>/model`), which
   `generate` loads as a model and `merge` has nothing to do with;
 - anything else is a model (`builtin:NAME`, a folder, a `.gguf` file, a hub id), for `generate`.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from peftcli.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MIXED_MANIFEST = "mixed.json"  # peftcli.methods.mixed.MANIFEST
 RUN_RECIPE = "recipe.yaml"
 RUN_ADAPTER = "adapter"
 # peft tuners that change how the input is read (virtual tokens, prefixes) rather than a weight.
@@ -50,8 +53,19 @@ class AdapterSource:
         return str(self.config.get("peft_type", "")).upper()
 
     @property
+    def parts(self) -> list[dict]:
+        """A mixed adapter's parts (name, folder, config); a single adapter is its only part."""
+        return self.config.get("parts") or [{"name": None, "dir": self.adapter_dir, "config": self.config}]
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [Path(part["dir"]) / ADAPTER_WEIGHTS for part in self.parts]
+
+    @property
     def method(self) -> str:
-        """The method's name as a recipe writes it (LoRA's variants by their flags)."""
+        """The method's name as a recipe writes it (LoRA's variants by their flags; mixed ones joined by +)."""
+        if self.peft_type == "MIXED":
+            return "+".join(replace(self, config=part["config"]).method for part in self.parts)
         if self.peft_type == "LORA":
             name = "dora" if self.config.get("use_dora") else "rslora" if self.config.get("use_rslora") else "lora"
             return "qlora" if self.load_in_4bit and name == "lora" else name
@@ -68,7 +82,12 @@ def full_run_model(path: str | Path) -> Path | None:
 def is_adapter_path(path: str | Path) -> bool:
     """Whether `path` is a run directory or an adapter directory (else it names a model)."""
     path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() or (path / RUN_ADAPTER / ADAPTER_CONFIG).is_file()
+    return is_adapter_dir(path) or is_adapter_dir(path / RUN_ADAPTER)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A folder peft saved an adapter into, or peftcli a mixed one."""
+    return (path / ADAPTER_CONFIG).is_file() or (path / MIXED_MANIFEST).is_file()
 
 
 def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
@@ -76,7 +95,7 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     path = Path(path)
     if not path.exists():
         raise UserError("no such directory", where=str(path), hint="give a run directory or an adapter directory")
-    run_dir = path if (path / RUN_ADAPTER / ADAPTER_CONFIG).is_file() else None
+    run_dir = path if is_adapter_dir(path / RUN_ADAPTER) else None
     if run_dir is None and path.name == RUN_ADAPTER and (path.parent / RUN_RECIPE).is_file():
         run_dir = path.parent
     adapter_dir = run_dir / RUN_ADAPTER if run_dir else path
@@ -96,6 +115,9 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json; for a mixed adapter, its manifest with each part's config (`parts`)."""
+    if (adapter_dir / MIXED_MANIFEST).is_file():
+        return _read_mixed(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"no {ADAPTER_CONFIG} here: this is not a run directory or an adapter directory",
@@ -110,10 +132,29 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
+def _read_mixed(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / MIXED_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"not valid JSON: {err}", where=str(path), hint="train or save the adapter again") from err
+    names = manifest.get("adapters") if isinstance(manifest, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError("a mixed adapter's manifest lists no adapters", where=str(path))
+    parts = [{"name": name, "dir": adapter_dir / name, "config": read_adapter_config(adapter_dir / name)}
+             for name in names]
+    return {**manifest, "peft_type": "MIXED", "parts": parts,
+            "base_model_name_or_path": parts[0]["config"].get("base_model_name_or_path")}
+
+
 def check_weights(adapter_dir: Path) -> None:
     """The adapter's weights exist and are a readable safetensors file, before any model is loaded."""
     from safetensors import SafetensorError, safe_open
 
+    if (adapter_dir / MIXED_MANIFEST).is_file():
+        for name in _read_mixed(adapter_dir)["adapters"]:
+            check_weights(adapter_dir / name)
+        return
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         pickled = (adapter_dir / "adapter_model.bin").is_file()
@@ -182,12 +223,17 @@ def attach(model, source: AdapterSource, adapter_name: str = "default", mixed: b
     an adapter that does not fit is an error."""
     from peft import PeftMixedModel, PeftModel
 
+    from peftcli import methods
+
     check_fits(model, source)
+    methods.bottleneck.register()  # peftcli's own tuner, so that peft can read its config
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             if isinstance(model, (PeftModel, PeftMixedModel)):
                 model.load_adapter(str(source.adapter_dir), adapter_name=adapter_name, is_trainable=False)
+            elif source.peft_type == "MIXED":  # its parts under their own names, all active
+                model = methods.load_adapter(model, source.adapter_dir, is_trainable=False)
             else:
                 model = (PeftMixedModel if mixed else PeftModel).from_pretrained(
                     model, str(source.adapter_dir), adapter_name=adapter_name, is_trainable=False)

@@ -68,16 +68,17 @@ def describe(folder: Path, root: Path) -> Entry:
     except UserError as err:
         entry.problem = err.message
         return entry
-    weights = source.adapter_dir / adapters.ADAPTER_WEIGHTS
+    weights = source.weight_files
     run_report = _report(source.run_dir)
     entry.base = builtin_name(source.trained_on or source.base)
     entry.method = source.method
-    entry.rank = rank(source.config)
-    entry.trainable_params = tensor_elements(weights)
-    entry.weights_bytes = weights.stat().st_size
+    ranks = {rank(part["config"]) for part in source.parts}
+    entry.rank = ranks.pop() if len(ranks) == 1 else None  # a mixed adapter's parts may differ
+    entry.trainable_params = sum(tensor_elements(w) for w in weights)
+    entry.weights_bytes = sum(w.stat().st_size for w in weights)
     entry.eval_loss = (run_report.get("eval") or {}).get("loss")
     entry.date = run_report.get("started_at") or datetime.fromtimestamp(
-        weights.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        weights[0].stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
     return entry
 
 

@@ -6,6 +6,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from peftcli.report import method_label
+
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
@@ -125,7 +127,7 @@ def _counts_table(accounting) -> Table:
     c = accounting.counts
     f = c.adapter_file
     rows = {"model": f"{accounting.recipe.model.base} ({accounting.architecture})",
-            "method": accounting.recipe.method.name,
+            "method": method_label(accounting.recipe.method.model_dump()),
             "total params": c.total,
             "trainable params": f"{c.trainable:,} ({c.trainable_percent:.4f}%)",
             "model file" if accounting.recipe.method.name == "full" else "adapter file":

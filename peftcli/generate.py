@@ -42,7 +42,8 @@ class Loaded:
         if name != BASE and name not in self.adapters:
             raise UserError(f"no adapter named '{name}'", hint=f"choose one of: {', '.join([*self.adapters, BASE])}")
         if name != BASE:
-            self.model.set_adapter(name)
+            source = self.adapters[name]  # a mixed adapter is its parts, all active
+            self.model.set_adapter([p["name"] for p in source.parts] if source.peft_type == "MIXED" else name)
         self.active, self.tokenizer = name, self.tokenizers[name]
 
     def switched(self):
@@ -143,6 +144,10 @@ def _needs_mixed_model(sources: dict[str, adapters.AdapterSource]) -> bool:
     """Whether the adapters are of several methods (peft's mixed model holds them); refuse those it cannot."""
     from peft.tuners.mixed.model import COMPATIBLE_TUNER_TYPES
 
+    for name, source in sources.items():
+        if source.peft_type == "MIXED" and len(sources) > 1:
+            raise UserError(f"adapter '{name}' mixes methods ({source.method}) in one peft mixed model, which is "
+                            "used alone", where=str(source.adapter_dir), hint=f"peft generate {source.adapter_dir}")
     kinds = {source.peft_type for source in sources.values()}
     if len(kinds) < 2:
         return False

@@ -101,6 +101,10 @@ def check_mergeable(source: AdapterSource) -> None:
     kind = source.peft_type
     if kind in MERGEABLE:
         return
+    if kind == "MIXED":  # mergeable when every part is
+        for part in source.parts:
+            check_mergeable(replace(source, adapter_dir=Path(part["dir"]), config=part["config"]))
+        return
     use_instead = ("load the adapter with peft at inference (`peft generate` does), "
                    "e.g. PeftModel.from_pretrained(base, ADAPTER_DIR)")
     if kind in adapters.PROMPT_LEARNING:

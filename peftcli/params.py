@@ -203,6 +203,13 @@ def _same(values) -> int | None:
 def adapter_file(model) -> dict:
     """adapter_model.safetensors as peft writes it: the adapter's tensors, their dtype and the file size
     (with method full, model.safetensors as transformers writes it: the whole model)."""
+    if methods.mixed.is_mixed(model):  # one file per method (peftcli.methods.mixed)
+        from peft.utils import get_peft_model_state_dict
+
+        files = [get_peft_model_state_dict(model, adapter_name=name) for name in model.peft_config]
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for f in files for t in f.values()})
+        return {"dtype": ", ".join(dtypes), "tensors": sum(len(f) for f in files),
+                "bytes": sum(safetensors_size(f) for f in files)}
     tensors = saved_tensors(model) if methods.has_adapter(model) else model_tensors(model)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return {"dtype": ", ".join(dtypes), "tensors": len(tensors), "bytes": safetensors_size(tensors)}
@@ -462,6 +469,8 @@ def virtual_tokens(model) -> int:
     """Tokens prompt and p-tuning put before every row (prefix tuning adds them to attention's keys only)."""
     from peft import PeftType
 
+    if methods.mixed.is_mixed(model):  # layer adapters only
+        return 0
     config = model.active_peft_config
     if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
         return config.num_virtual_tokens
@@ -594,7 +603,7 @@ def account(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | Non
     counts = count(skeleton, is_4bit(recipe))
     memory = estimate(recipe, skeleton, batch_size=batch_size or recipe.train.batch_size,
                       seq_len=seq_len or recipe.data.max_length)
-    architecture = type(getattr(skeleton.model, "get_base_model", lambda: skeleton.model)()).__name__
+    architecture = type(methods.base_model(skeleton.model)).__name__
     return Accounting(recipe, architecture, skeleton.config.model_type, counts, memory)
 
 

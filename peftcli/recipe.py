@@ -302,8 +302,56 @@ class FullMethod(MethodSection):
         return value
 
 
+SingleMethod = Annotated[Union[LoraMethod, QloraMethod, DoraMethod, RsloraMethod, Ia3Method, PrefixMethod,
+                               PromptMethod, PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod,
+                               AdapterMethod, FullMethod],
+                         Field(discriminator="name")]
+MIXABLE = ("lora", "dora", "rslora", "loha", "lokr")  # what peftcli trains together in peft's mixed model
+
+
+def unmixable_reason(name: str) -> str | None:
+    """Why a method cannot be one of several on one model (peft's mixed model), or None."""
+    if name in MIXABLE:
+        return None
+    if name in ("prefix", "prompt", "p_tuning"):
+        return ("prompt-learning methods add virtual tokens (or per-layer prefixes) to the input instead of adapting "
+                "layers, and peft's mixed model combines layer adapters only")
+    if name == "full":
+        return "full fine-tuning trains the model itself, not an adapter beside others"
+    if name == "qlora":
+        return "a list of methods trains on a 16/32-bit base; use lora"
+    if name == "adalora":
+        return ("AdaLoRA moves its rank budget during training through its own peft model, which peft's mixed "
+                "model does not run")
+    return f"peft's mixed model takes LoRA, LoHa, LoKr, AdaLoRA, OFT and SHiRA adapters, not {name}"
+
+
+class MixedMethod(MethodSection):
+    """Several methods on one model at once through peft's mixed model, e.g. LoRA on the attention and LoHa on the MLP; write method as a list of method sections. Each trains and saves as its own adapter."""
+
+    name: Literal["mixed"] = Field("mixed", description="the PEFT method")
+    components: list[SingleMethod] = Field(
+        default_factory=lambda: [LoraMethod(target_modules="attention"), LohaMethod(target_modules="mlp")],
+        description=f"the methods, each a method section: two or more of {', '.join(MIXABLE)} (their targets may overlap)")
+
+    @field_validator("components")
+    @classmethod
+    def _mixable(cls, components: list) -> list:
+        if len(components) < 2:
+            raise ValueError("a list of methods mixes two or more; write a single method as a section "
+                             "(method: {name: ...})")
+        for index, component in enumerate(components):
+            if (reason := unmixable_reason(component.name)) is not None:
+                raise ValueError(f"method {index} ({component.name}) cannot be mixed with others: {reason}")
+            if getattr(component, "init", "default") not in ("default", "gaussian"):
+                raise ValueError(f"method {index} ({component.name}): init {component.init} starts from the base "
+                                 "weights and is saved converted, which peftcli does for a single LoRA only")
+        return components
+
+
 Method = Annotated[Union[LoraMethod, QloraMethod, DoraMethod, RsloraMethod, Ia3Method, PrefixMethod, PromptMethod,
-                         PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod, AdapterMethod, FullMethod],
+                         PTuningMethod, LohaMethod, LokrMethod, AdaloraMethod, VeraMethod, AdapterMethod, FullMethod,
+                         MixedMethod],
                    Field(discriminator="name")]
 
 
@@ -382,7 +430,15 @@ class Recipe(Section):
     @field_validator("method", mode="before")
     @classmethod
     def _default_method_name(cls, value: Any) -> Any:
-        return {"name": "lora", **value} if isinstance(value, dict) else value
+        """A section without a name is LoRA; a list of sections is the mixed method's components."""
+        if isinstance(value, list):
+            value = {"name": "mixed", "components": value}
+        if not isinstance(value, dict):
+            return value
+        value = {"name": "lora", **value}
+        if value["name"] == "mixed" and isinstance(value.get("components"), list):
+            value["components"] = [{"name": "lora", **c} if isinstance(c, dict) else c for c in value["components"]]
+        return value
 
     @field_validator("method")
     @classmethod
@@ -390,6 +446,11 @@ class Recipe(Section):
         """Settings of the method that contradict the model section."""
         model = info.data.get("model")
         if model is None:  # the model section is invalid and reported on its own
+            return method
+        if method.name == "mixed":
+            if model.load_in_4bit:
+                raise ValueError("a list of methods (peft's mixed model) trains on a 16/32-bit base in peftcli, and "
+                                 "LoHa and LoKr have no 4-bit layers; set model.load_in_4bit: false")
             return method
         if method.name == "qlora" and "load_in_4bit" in model.model_fields_set and not model.load_in_4bit:
             raise ValueError("qlora loads the base in 4-bit; drop model.load_in_4bit: false, or use method lora")
@@ -433,7 +494,10 @@ class Recipe(Section):
         return re.sub(r"\$\{([\w.]+)\}", lookup, value)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        resolved = self.model_dump(mode="json")
+        if self.method.name == "mixed":  # as the user writes it: a list of method sections
+            resolved["method"] = resolved["method"]["components"]
+        return yaml.safe_dump(resolved, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,7 +535,8 @@ def validate_recipe(raw: dict, *, base_dir: Path, source: str = "recipe", text: 
     try:
         return Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
-        problems = [_describe(e, source, text, overrides) for e in err.errors()]
+        listed = isinstance(raw.get("method"), list)
+        problems = [_describe(e, source, text, overrides, listed) for e in err.errors()]
         raise UserError("invalid recipe\n  " + "\n  ".join(problems)) from err
 
 
@@ -523,8 +588,10 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 # Turning pydantic's errors into messages that name the field and the fix
 
 
-def _describe(error: dict, source: str, text: str | None, overrides) -> str:
+def _describe(error: dict, source: str, text: str | None, overrides, listed: bool = False) -> str:
     loc, parent = _walk(error["loc"])
+    if listed and loc[:2] == ("method", "components"):  # the user wrote the components as method's list
+        loc = ("method", *loc[2:])
     if error["type"] == "union_tag_invalid":  # the mistake is in the method's name, not the section
         loc = (*loc, "name")
     dotted = ".".join(str(p) for p in loc) or "(top level)"
@@ -534,14 +601,17 @@ def _describe(error: dict, source: str, text: str | None, overrides) -> str:
         if IMPLIED_FLAGS.get(method) == loc[-1]:
             message = f"method {method} always sets {loc[-1]}; drop the key"
         else:
+            name_key = ".".join(str(p) for p in (*loc[:-1], "name"))
             message = (f"'{loc[-1]}' belongs to method{'s' if len(owners) > 1 else ''} {', '.join(owners)}, "
-                       f"not to {method}; set method.name: {owners[0]} to use it")
+                       f"not to {method}; set {name_key}: {owners[0]} to use it")
     elif kind == "extra_forbidden":
         valid = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         message = f"unknown key '{loc[-1]}'" + (f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}")
     elif kind == "union_tag_invalid":
-        message = f"unknown method '{error['ctx']['tag']}'; choose one of: {', '.join(method_names())}"
+        in_list = len(loc) > 2 and loc[0] == "method"  # one of several methods: only the mixable ones fit
+        message = (f"unknown method '{error['ctx']['tag']}'; choose one of: "
+                   f"{', '.join(MIXABLE if in_list else method_names())}")
     elif kind in ("model_type", "model_attributes_type"):
         message = f"expected a section (a mapping of keys), got {_show(got)}"
     elif kind == "value_error":
@@ -553,7 +623,7 @@ def _describe(error: dict, source: str, text: str | None, overrides) -> str:
 
 def _other_owners(loc: tuple, parent: type[BaseModel] | None) -> list[str]:
     """The methods that have the key a method section does not: a key written under the wrong method."""
-    if len(loc) != 2 or loc[0] != "method" or parent is None:
+    if loc[0] != "method" or parent is None or parent not in method_classes().values():
         return []
     return [name for name, cls in method_classes().items() if loc[-1] in cls.model_fields and cls is not parent]
 
@@ -562,18 +632,33 @@ def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
     """The field path as the user wrote it, and the section holding its last key.
 
     pydantic puts the method's name inside the path (method.lora.r); the user wrote method.r."""
-    path, model, parent, union = [], Recipe, None, None
+    path, model, parent, union, items = [], Recipe, None, None, None
     for part in loc:
         if union is not None:  # this part is the discriminator's value
             model, union = union.get(part), None
+            continue
+        if items is not None and isinstance(part, int):  # an item of a list of method sections
+            path.append(part)
+            union, items = items, None
             continue
         path.append(part)
         parent = model
         field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
         annotation = field.annotation if field else None
         union = union_members(annotation) if field is not None and field.discriminator else None
+        items = _listed_union(annotation)
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return tuple(path), parent
+
+
+def _listed_union(annotation) -> dict[str, type[BaseModel]] | None:
+    """For a list of discriminated sections (the mixed method's components), its members by name."""
+    if get_origin(annotation) is not list:
+        return None
+    item = get_args(annotation)[0]
+    if get_origin(item) is Annotated and any(getattr(m, "discriminator", None) for m in get_args(item)[1:]):
+        return union_members(get_args(item)[0])
+    return None
 
 
 def union_members(annotation) -> dict[str, type[BaseModel]]:
@@ -607,6 +692,10 @@ def _line_of(text: str, loc: tuple) -> int | None:
         return None
     line = None
     for part in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         match = next(((k, v) for k, v in node.value if k.value == str(part)), None)

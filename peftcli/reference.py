@@ -93,6 +93,9 @@ def _type_name(annotation) -> str:
     origin = get_origin(annotation)
     if origin is Literal:
         return " \\| ".join(str(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType) and all(isinstance(a, type) and issubclass(a, BaseModel)
+                                                  for a in get_args(annotation)):
+        return "method section"  # the mixed method's components
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
     if origin is list:
@@ -105,6 +108,8 @@ def _type_name(annotation) -> str:
 def _yaml_value(value) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
+    if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):  # method sections: what they set
+        value = [{"name": v.name, **v.model_dump(mode="json", exclude_defaults=True)} for v in value]
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 

@@ -103,7 +103,7 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
     rows = [
         ("status", report["status"]),
         ("base model", report["model"]["base"]),
-        ("method", report["method"]["name"]),
+        ("method", method_label(report["method"])),
         ("trainable parameters", f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)"),
         ("steps", f"{training['steps']} ({training['epochs']:.2f} epochs)"),
         ("tokens trained", f"{training['tokens']:,}"),
@@ -151,11 +151,14 @@ def model_card(report: dict) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
     if method["name"] == "full":
         return _full_model_card(report, settings)
+    if method["name"] == "mixed":
+        settings = "; ".join(f"{c['name']}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "name")
+                             for c in method["components"])
     return "\n".join([
         "---", "library_name: peft", "tags: [peftcli, " + method["name"] + "]", "---", "",
         f"# {report['name']}", "",
-        f"A {method['name']} adapter for `{report['model']['base']}`, trained with peftcli.", "",
-        f"- method: {method['name']} ({settings})",
+        f"A {method_label(method)} adapter for `{report['model']['base']}`, trained with peftcli.", "",
+        f"- method: {method_label(method)} ({settings})",
         f"- trainable parameters: {params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)",
         f"- steps: {report['training']['steps']}, tokens: {report['training']['tokens']:,}",
         f"- eval loss: base {_fmt(ev['base_loss'])} → adapter {_fmt(ev['loss'])}", "",
@@ -165,8 +168,20 @@ def model_card(report: dict) -> str:
         "```", ""])
 
 
+def method_label(method: dict) -> str:
+    """The method as people name it; several mixed ones joined: lora + loha."""
+    if method["name"] == "mixed":
+        return " + ".join(component["name"] for component in method["components"])
+    return method["name"]
+
+
 def _loading_code(method: str) -> list[str]:
-    """Stock peft loads every method but the bottleneck adapter, which peftcli registers with peft first."""
+    """Stock peft loads every method but the bottleneck adapter, which peftcli registers with peft first,
+    and mixed methods, one adapter per part (see mixed.json) in a PeftMixedModel."""
+    if method == "mixed":
+        return ["from peftcli.methods import load_adapter  # PeftMixedModel.from_pretrained(base, \"adapter/1-...\"),",
+                "base = AutoModelForCausalLM.from_pretrained(BASE)  # then load_adapter for each part, set_adapter(all)",
+                "model = load_adapter(base, \"adapter\")"]
     if method == "adapter":
         return ["from peftcli.methods import load_adapter",
                 "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model above",

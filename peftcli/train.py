@@ -112,7 +112,7 @@ def describe(plan: Plan) -> dict:
     r = plan.recipe
     return {
         "model": r.model.base, "device": plan.device, "dtype": str(plan.dtype).removeprefix("torch."),
-        "method": r.method.name, "trainable_params": trainable, "total_params": total,
+        "method": report.method_label(r.method.model_dump()), "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total, "format": plan.data_format,
         "train_examples": plan.train_stats.examples, "train_truncated": plan.train_stats.truncated,
         "eval_examples": plan.eval_stats.examples if plan.eval_stats else 0,
@@ -272,7 +272,7 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 2),
         "model": {"base": plan.recipe.model.base, "dtype": str(plan.dtype).removeprefix("torch."),
-                  "architecture": type(getattr(plan.model, "get_base_model", lambda: plan.model)()).__name__,
+                  "architecture": type(methods.base_model(plan.model)).__name__,
                   "device": plan.device},
         "method": plan.recipe.method.model_dump(mode="json"),
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
@@ -302,4 +302,4 @@ def artifacts(plan: Plan, run: RunDir) -> dict:
         return {"model_dir": str(run.model), "model_bytes": report.directory_bytes(run.model),
                 "model_weights_bytes": sum(p.stat().st_size for p in run.model.glob("*.safetensors"))}
     return {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
-            "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size}
+            "adapter_weights_bytes": sum(p.stat().st_size for p in run.adapter.rglob("adapter_model.safetensors"))}

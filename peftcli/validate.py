@@ -33,6 +33,12 @@ def check(recipe: Recipe) -> dict:
             full.selected_modules(skeleton, modules)
         resolved["trainable_modules"] = modules
         return resolved
+    if recipe.method.name == "mixed":
+        names = methods.mixed.adapter_names(recipe.method.components)
+        configs = methods.component_configs(recipe.method, skeleton, steps=steps)
+        resolved["target_modules"] = "; ".join(f"{name}: {', '.join(wrapped_modules(config, skeleton))}"
+                                               for name, config in zip(names, configs))
+        return resolved
     peft_config = methods.peft_config(recipe.method, skeleton, steps=steps)
     targets = wrapped_modules(peft_config, skeleton)
     if targets:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from peftcli.methods import adalora, bottleneck, full, ia3, lora, lycoris, prompt_learning, vera
+from peftcli.errors import UserError
+from peftcli.methods import adalora, bottleneck, full, ia3, lora, lycoris, mixed, prompt_learning, vera
 from peftcli.methods.targets import resolve_targets
 
 LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
 PROMPT_LEARNING = ("prefix", "prompt", "p_tuning")
-MERGEABLE = (*LORA_FAMILY, "ia3", "loha", "lokr", "adalora", "vera")
+MERGEABLE = (*LORA_FAMILY, "ia3", "loha", "lokr", "adalora", "vera", "mixed")  # mixed: of mergeable ones only
 
 
 def peft_config(method, model, *, steps: int | None = None):
@@ -63,6 +64,8 @@ def attach(model, method, *, steps: int | None = None, gradient_checkpointing: b
 
     if method.name == "full":
         return full.prepare(model, method)
+    if method.name == "mixed":
+        return mixed.attach(model, method.components, component_configs(method, model, steps=steps))
     config = peft_config(method, model, steps=steps)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
@@ -71,6 +74,18 @@ def attach(model, method, *, steps: int | None = None, gradient_checkpointing: b
     if method.name in LORA_FAMILY:
         lora.after_attach(peft_model, method)
     return peft_model
+
+
+def component_configs(method, model, *, steps: int | None = None) -> list:
+    """The peft config of each of a mixed method's components; a mistake names its position."""
+    configs = []
+    for index, component in enumerate(method.components):
+        try:
+            configs.append(peft_config(component, model, steps=steps))
+        except UserError as err:
+            where = err.where.replace("method.", f"method.{index}.", 1) if err.where else f"method.{index}"
+            raise UserError(err.message, where=where, hint=err.hint) from err
+    return configs
 
 
 def callbacks(model, method) -> list:
@@ -86,6 +101,13 @@ def base_was_rewritten(model) -> bool:
 def has_adapter(model) -> bool:
     """Whether `model` is a peft model (every method but full fine-tuning)."""
     return hasattr(model, "peft_config")
+
+
+def base_model(model):
+    """The transformers model inside a peft model (a PeftModel or a PeftMixedModel), or `model` itself."""
+    if mixed.is_mixed(model):
+        return model.base_model.model
+    return model.get_base_model() if has_adapter(model) else model
 
 
 def measures_base_first(model) -> bool:
@@ -107,6 +129,8 @@ def save_adapter(model, directory: Path) -> None:
     fine-tuning, the whole model as a transformers model folder (safetensors)."""
     if not has_adapter(model):
         model.save_pretrained(directory)
+    elif mixed.is_mixed(model):
+        mixed.save(model, directory)
     elif base_was_rewritten(model):
         lora.save_converted(model, directory)
     else:
@@ -118,5 +142,7 @@ def load_adapter(base_model, directory, **kwargs):
     bottleneck adapter needs peftcli's registration first."""
     from peft import PeftModel
 
+    if (manifest := mixed.read_manifest(directory)) is not None:
+        return mixed.load(base_model, directory, manifest, **kwargs)
     bottleneck.register()
     return PeftModel.from_pretrained(base_model, str(directory), **kwargs)
