@@ -123,6 +123,7 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
               f"{data['examples']:,} training examples from {data['rows']:,} rows "
               f"({data['truncated']} truncated at max_length, {data['dropped_no_target']} dropped with no target "
               f"token), {data['target_tokens']:,} target tokens per epoch."]
+    lines += _left_out(report["data"])
     if plot_name:
         lines += ["", "## Loss", "", f"![loss]({plot_name})"]
     lines += ["", "The adapter is in `adapter/`; load it with "
@@ -132,6 +133,27 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _fmt_bytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,} bytes"
+
+
+def _left_out(data: dict) -> list[str]:
+    """Markdown for examples dropped as too long and bad rows skipped (data.on_long, data.on_error)."""
+    lines = []
+    for split in ("train", "eval"):
+        stats = data.get(split)
+        if not stats:
+            continue
+        if stats.get("dropped_long"):
+            lines += ["", f"{stats['dropped_long']} {split} examples longer than max_length were dropped."]
+        if stats.get("skipped"):
+            listed = stats["skipped_rows"]
+            more = f" (the first {len(listed)} listed)" if len(listed) < stats["skipped"] else ""
+            lines += ["", f"{stats['skipped']} bad {split} rows were skipped{more}:", ""]
+            lines += [f"- {entry}" for entry in listed]
+    return lines
 
 
 def model_card(report: dict) -> str:

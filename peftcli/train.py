@@ -65,22 +65,29 @@ def optimizer_steps(examples: int, recipe: Recipe) -> int:
 def prepare_data(recipe: Recipe, tokenizer):
     """Tokenized train and eval splits with their statistics, and the format used."""
     d = recipe.data
-    rows = data_mod.load_rows(d.train, field="data.train")
-    fmt = data_mod.detect_format(rows.column_names, d.format, where=f"data.train ({d.train})")
-    eval_rows = data_mod.load_rows(d.eval, field="data.eval") if d.eval else None
+    source = data_mod.read_rows(d.train, field="data.train", on_error=d.on_error)
+    fmt = data_mod.detect_format(source.rows.column_names, d.format, where=f"data.train ({d.train})")
+    rows = source.numbered()  # row numbers survive the eval split, for messages and the report
+    eval_source = data_mod.read_rows(d.eval, field="data.eval", on_error=d.on_error) if d.eval else None
+    eval_rows = eval_source.numbered() if eval_source else None
     if d.eval_fraction:
         if len(rows) < 2:
             raise UserError("eval_fraction needs at least 2 rows of training data", where="data.eval_fraction")
         split = rows.train_test_split(test_size=d.eval_fraction, seed=recipe.train.seed)
         rows, eval_rows = split["train"], split["test"]
-    options = dict(fmt=fmt, max_length=d.max_length, train_on_prompt=d.train_on_prompt)
-    train, train_stats = data_mod.tokenize(rows, tokenizer, where=f"data.train ({d.train})", **options)
+    options = dict(fmt=fmt, max_length=d.max_length, train_on_prompt=d.train_on_prompt, on_long=d.on_long,
+                   on_error=d.on_error)
+    train, train_stats = data_mod.tokenize(rows, tokenizer, where=f"data.train ({d.train})", unit=source.unit,
+                                           **options)
+    train_stats.note_skipped(source.skipped)
     if eval_rows is None:
         return fmt, train, train_stats, None, None
-    if d.eval:
-        data_mod.detect_format(eval_rows.column_names, fmt, where=f"data.eval ({d.eval})")
-    evaluation, eval_stats = data_mod.tokenize(eval_rows, tokenizer, where=f"data.eval ({d.eval or d.train})",
-                                               **options)
+    if eval_source:
+        data_mod.detect_format(eval_source.rows.column_names, fmt, where=f"data.eval ({d.eval})")
+    where, origin = (f"data.eval ({d.eval})", eval_source) if eval_source else (f"data.train ({d.train})", source)
+    evaluation, eval_stats = data_mod.tokenize(eval_rows, tokenizer, where=where, unit=origin.unit, **options)
+    if eval_source:
+        eval_stats.note_skipped(eval_source.skipped)
     return fmt, train, train_stats, evaluation, eval_stats
 
 
