@@ -52,7 +52,7 @@ def reports_errors(command):
         except UserError as err:
             if debug:
                 traceback.print_exc()
-            errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+            errors.print(f"[bold red]{err.label}:[/] {err}", markup=True, highlight=False)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
@@ -77,21 +77,22 @@ def train(recipe: RecipeArg, set_: SetOption = None,
           debug: DebugOption = False):
     """Train an adapter from a recipe; writes the adapter, the report and checkpoints to a run directory."""
     from peftcli.recipe import load_recipe
-    from peftcli.rundir import check_output_dir, clear_previous_run
+    from peftcli.rundir import clear_previous_run, open_run
     from peftcli.train import build_plan, describe, run_training
 
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
-    run = check_output_dir(Path(resolved.output_dir), overwrite=overwrite, resume=resume)
-    with console.status("loading model and data"):
-        plan = build_plan(resolved)
-    console.print(display.plan_table(describe(plan)))
-    if dry_run:
-        return
-    if overwrite:
-        clear_previous_run(run)
-    report = run_training(plan, run, resume=resume, console=console)
+    with open_run(Path(resolved.output_dir), recipe=resolved, overwrite=overwrite, resume=resume,
+                  lock=not dry_run) as run:
+        with console.status("loading model and data"):
+            plan = build_plan(resolved)
+        console.print(display.plan_table(describe(plan)))
+        if dry_run:
+            return
+        if overwrite:
+            clear_previous_run(run)
+        report = run_training(plan, run, resume=resume, console=console)
     console.print(display.report_table(report, str(run.report_md)))
 
 

@@ -67,9 +67,16 @@ def directory_bytes(path: Path) -> int:
 
 
 def write(report: dict, json_path: Path, md_path: Path, plot_path: Path) -> None:
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=2) + "\n")
     has_plot = plot_loss(report, plot_path)
-    md_path.write_text(to_markdown(report, plot_path.name if has_plot else None))
+    write_atomic(md_path, to_markdown(report, plot_path.name if has_plot else None))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside `path` and rename over it: a reader (or a crash) never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def plot_loss(report: dict, path: Path) -> bool:
@@ -92,15 +99,17 @@ def plot_loss(report: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png")
     plt.close(fig)
+    os.replace(partial, path)
     return True
 
 
 def to_markdown(report: dict, plot_name: str | None) -> str:
     params, training, ev, mem = report["params"], report["training"], report["eval"], report["memory"]
     rows = [
-        ("status", report["status"]),
+        ("status", report["status"] + (f" ({report['stop_reason']})" if report.get("stop_reason") else "")),
         ("base model", report["model"]["base"]),
         ("method", report["method"]["name"]),
         ("trainable parameters", f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)"),
@@ -112,10 +121,16 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
         ("eval perplexity: base → trained", f"{_fmt(ev['base_perplexity'])} → {_fmt(ev['perplexity'])}"),
         ("wall time", f"{report['wall_time_s']:.1f} s"),
         (f"peak memory ({mem['measure']})", f"{mem['peak_gib']:.3f} GiB"),
-        ("adapter size", f"{report['artifacts']['adapter_bytes']:,} bytes"),
+        ("adapter size", _fmt_bytes(report["artifacts"]["adapter_bytes"])),
         ("hardware", report["hardware"]["gpu"] or report["hardware"]["cpu"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
     ]
+    if training.get("skipped_steps"):
+        rows.append(("steps skipped (NaN/Inf)", ", ".join(map(str, training["skipped_steps"]))))
+    if report["model"].get("trust_remote_code"):
+        rows.append(("trust_remote_code", "on: model code shipped with the model was run"))
+    if report["status"] != "completed" and report.get("checkpoint"):
+        rows.append(("resume from", f"{report['checkpoint']} (`peft train RECIPE --resume`)"))
     data = report["data"]["train"]
     lines = [f"# Run report: {report['name']}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]

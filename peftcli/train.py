@@ -11,7 +11,7 @@ from typing import Any
 
 from peftcli import data as data_mod
 from peftcli import methods, models, report
-from peftcli.errors import RunFailure, UserError
+from peftcli.errors import Interrupted, RunFailure, UserError
 from peftcli.recipe import Recipe
 from peftcli.rundir import RunDir
 
@@ -128,16 +128,19 @@ def training_arguments(plan: Plan, run: RunDir):
     t = plan.recipe.train
     cuda = plan.device == "cuda"
     periodic_eval = plan.eval_data is not None and t.eval_steps is not None
+    from peftcli import checkpoints
+
     return TrainingArguments(
-        output_dir=str(run.checkpoints), per_device_train_batch_size=t.batch_size,
+        # The Trainer writes checkpoints into a staging folder; PublishCheckpoints renames each
+        # into run.checkpoints once complete and keeps the newest save_total_limit (so not here).
+        output_dir=str(checkpoints.staging(run.checkpoints)), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=_optimizer(t.optim, cuda), seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if periodic_eval else "no", eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         bf16=cuda and plan.dtype == torch.bfloat16, fp16=cuda and plan.dtype == torch.float16,
         gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", use_cpu=not cuda, dataloader_pin_memory=cuda,
@@ -155,6 +158,7 @@ def build_trainer(plan: Plan, run: RunDir, console):
     from transformers import DataCollatorForSeq2Seq, Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from peftcli.checkpoints import PublishCheckpoints
     from peftcli.progress import RichProgress
 
     collator = DataCollatorForSeq2Seq(plan.tokenizer, padding=True, label_pad_token_id=data_mod.IGNORE,
@@ -164,34 +168,85 @@ def build_trainer(plan: Plan, run: RunDir, console):
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     trainer.add_callback(RichProgress(console))
+    trainer.add_callback(PublishCheckpoints(run.checkpoints, plan.recipe.train.save_total_limit))
     return trainer
 
 
+@dataclass
+class Outcome:
+    """How training ended: completed, interrupted by a signal, or failed on a NaN/Inf (train.on_nan: stop)."""
+
+    status: str
+    reason: str | None = None  # what stopped it, for the report
+    signal_number: int | None = None
+    fault_step: int | None = None
+
+
 def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
-    """Train, save the adapter and write the report; returns the report."""
+    """Train, save the adapter and write the report; returns the report.
+
+    A run stopped by SIGINT/SIGTERM or by a NaN/Inf still writes its report (status
+    `interrupted` or `failed`), then raises Interrupted (exit 130/143) or RunFailure (exit 1);
+    `--resume` continues from its newest complete checkpoint."""
     import torch
 
+    from peftcli import checkpoints
+    from peftcli.faults import NonFiniteGuard
+    from peftcli.interrupt import StopOnSignal
+
     run.root.mkdir(parents=True, exist_ok=True)
-    run.recipe.write_text(plan.recipe.to_yaml())
+    checkpoints.clear_leftovers(run.checkpoints)
+    report.write_atomic(run.recipe, plan.recipe.to_yaml())
     trainer = build_trainer(plan, run, console)
+    stop, guard = StopOnSignal(console), NonFiniteGuard(plan.recipe.train.on_nan)
+    trainer.add_callback(stop)
+    trainer.add_callback(guard)  # after stop: a faulty step is not saved even when a signal asks for a save
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
     base_eval = _evaluate_base(trainer, plan) if plan.eval_data is not None else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     checkpoint = run.latest_checkpoint() if resume else None
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as err:
         raise RunFailure("out of GPU memory during training",
                          hint="lower train.batch_size or data.max_length, or set train.gradient_checkpointing: true"
                          ) from err
-    final_eval = trainer.evaluate()["eval_loss"] if plan.eval_data is not None else None
-    save_adapter(plan, run)
+    outcome = _outcome(trainer.state, stop, guard)
+    final_eval = None
+    if outcome.status == "completed":
+        final_eval = trainer.evaluate()["eval_loss"] if plan.eval_data is not None else None
+        save_adapter(plan, run)
     result_report = build_report(plan, run, trainer, result, base_eval, final_eval, started_at,
-                                 time.perf_counter() - clock)
+                                 time.perf_counter() - clock, outcome)
     report.write(result_report, run.report_json, run.report_md, run.loss_plot)
-    (run.adapter / "README.md").write_text(report.model_card(result_report))
-    return result_report
+    if outcome.status == "completed":
+        (run.adapter / "README.md").write_text(report.model_card(result_report))
+        return result_report
+    raise _stopped(outcome, run)
+
+
+def _outcome(state, stop, guard) -> Outcome:
+    if guard.fault_step is not None:
+        return Outcome("failed", f"NaN/Inf loss or gradient at step {guard.fault_step}", fault_step=guard.fault_step)
+    if stop.received is not None and state.global_step < state.max_steps:  # a signal after the last step stops nothing
+        return Outcome("interrupted", f"{stop.signal_name} at step {state.global_step} of {state.max_steps}",
+                       signal_number=stop.received)
+    return Outcome("completed")
+
+
+def _stopped(outcome: Outcome, run: RunDir) -> UserError:
+    """The error that ends a run stopped early, saying where its newest complete checkpoint is."""
+    checkpoint = run.latest_checkpoint()
+    if outcome.status == "interrupted":
+        return Interrupted(f"stopped by {outcome.reason}; checkpoint saved in {checkpoint}; report in {run.report_md}",
+                           signal_number=outcome.signal_number,
+                           hint="continue it with `peft train RECIPE --resume` (the same recipe and output directory)")
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+    return RunFailure(f"the loss or a gradient became NaN/Inf at step {outcome.fault_step}; training stopped before "
+                      f"applying it ({kept})", where="train.on_nan: stop",
+                      hint="lower train.lr or check the data, then --resume; or set train.on_nan: skip_step")
 
 
 def _evaluate_base(trainer, plan: Plan) -> float:
@@ -211,19 +266,27 @@ def save_adapter(plan: Plan, run: RunDir) -> None:
     staging.rename(run.adapter)
 
 
-def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall) -> dict:
+def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall,
+                 outcome: Outcome) -> dict:
+    from peftcli.faults import FAULT_KEY
+
     state = trainer.state
     trainable, total = plan.trainable_params()
     logs = state.log_history
+    faulty = {e["step"]: e[FAULT_KEY] for e in logs if FAULT_KEY in e}  # their logged loss is the Trainer's stand-in
+    losses = [e for e in logs if "loss" in e and e["step"] not in faulty]
     train_runtime = result.metrics.get("train_runtime") or wall
     tokens = state.num_input_tokens_seen
     return {
         "name": plan.recipe.name,
-        "status": "completed",
+        "status": outcome.status,
+        "stop_reason": outcome.reason,
+        "checkpoint": str(checkpoint) if (checkpoint := run.latest_checkpoint()) else None,
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 2),
         "model": {"base": plan.recipe.model.base, "dtype": str(plan.dtype).removeprefix("torch."),
-                  "architecture": type(plan.model.get_base_model()).__name__, "device": plan.device},
+                  "architecture": type(plan.model.get_base_model()).__name__, "device": plan.device,
+                  "trust_remote_code": plan.recipe.model.trust_remote_code},
         "method": plan.recipe.method.model_dump(mode="json"),
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
         "data": {"format": plan.data_format, "train": plan.train_stats.as_dict(),
@@ -231,16 +294,21 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
         "training": {
             "steps": state.global_step, "epochs": state.epoch or 0.0, "tokens": tokens,
             "train_runtime_s": round(train_runtime, 2), "tokens_per_s": tokens / train_runtime if train_runtime else 0.0,
-            "final_loss": next((e["loss"] for e in reversed(logs) if "loss" in e), None),
-            "loss_history": [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
-                             for e in logs if "loss" in e],
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "loss_history": [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")} for e in losses],
+            "skipped_steps": [step for step, what in faulty.items() if what == "skipped"],
         },
         "eval": {"base_loss": base_eval, "base_perplexity": report.perplexity(base_eval),
                  "loss": final_eval, "perplexity": report.perplexity(final_eval),
                  "history": [{"step": e["step"], "loss": e["eval_loss"]} for e in logs if "eval_loss" in e]},
         "memory": report.peak_memory(),
-        "artifacts": {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
-                      "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size},
+        "artifacts": _artifacts(run) if outcome.status == "completed" else
+        {"adapter_dir": None, "adapter_bytes": None, "adapter_weights_bytes": None},
         "versions": report.versions(),
         "hardware": report.hardware(),
     }
+
+
+def _artifacts(run: RunDir) -> dict:
+    return {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
+            "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size}
