@@ -94,8 +94,7 @@ def locked(path: Path) -> Iterator[None]:
     The kernel releases the flock when its process dies, so a lock file left by a run that
     was killed is stale by construction and is taken over. A folder created here is removed
     again if the run wrote nothing into it."""
-    if path.exists() and not path.is_dir():
-        raise UserError("the output path is a file, not a directory", where=str(path))
+    _refuse_a_file(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock_file = path / LOCK
@@ -111,6 +110,7 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def _acquire(lock_file: Path) -> int:
+    """An open descriptor of `lock_file`, flock-ed by us and holding our PID."""
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -161,11 +161,11 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> RunDir:
     run = RunDir(path)
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other", hint="pick one")
-    if path.exists() and not path.is_dir():
-        raise UserError("the output path is a file, not a directory", where=str(path))
+    _refuse_a_file(path)
     if resume and run.latest_checkpoint() is None:
         raise UserError("there is no checkpoint to resume from", where=str(run.checkpoints),
-                        hint="checkpoints are written every train.save_steps; start afresh without --resume")
+                        hint="checkpoints are written every train.save_steps and when a run is interrupted; "
+                             "start afresh without --resume")
     if run.holds_run() and not (overwrite or resume):
         raise UserError("the output directory already holds a run", where=str(path),
                         hint="pass --overwrite to replace it, --resume to continue it, or --output-dir elsewhere")
@@ -180,3 +180,8 @@ def clear_previous_run(run: RunDir) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+def _refuse_a_file(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError("the output path is a file, not a directory", where=str(path))

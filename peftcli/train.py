@@ -125,11 +125,11 @@ def training_arguments(plan: Plan, run: RunDir):
     import torch
     from transformers import TrainingArguments
 
+    from peftcli import checkpoints
+
     t = plan.recipe.train
     cuda = plan.device == "cuda"
     periodic_eval = plan.eval_data is not None and t.eval_steps is not None
-    from peftcli import checkpoints
-
     return TrainingArguments(
         # The Trainer writes checkpoints into a staging folder; PublishCheckpoints renames each
         # into run.checkpoints once complete and keeps the newest save_total_limit (so not here).
@@ -275,13 +275,14 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
     logs = state.log_history
     faulty = {e["step"]: e[FAULT_KEY] for e in logs if FAULT_KEY in e}  # their logged loss is the Trainer's stand-in
     losses = [e for e in logs if "loss" in e and e["step"] not in faulty]
+    checkpoint = run.latest_checkpoint()
     train_runtime = result.metrics.get("train_runtime") or wall
     tokens = state.num_input_tokens_seen
     return {
         "name": plan.recipe.name,
         "status": outcome.status,
         "stop_reason": outcome.reason,
-        "checkpoint": str(checkpoint) if (checkpoint := run.latest_checkpoint()) else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 2),
         "model": {"base": plan.recipe.model.base, "dtype": str(plan.dtype).removeprefix("torch."),
@@ -302,13 +303,15 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
                  "loss": final_eval, "perplexity": report.perplexity(final_eval),
                  "history": [{"step": e["step"], "loss": e["eval_loss"]} for e in logs if "eval_loss" in e]},
         "memory": report.peak_memory(),
-        "artifacts": _artifacts(run) if outcome.status == "completed" else
-        {"adapter_dir": None, "adapter_bytes": None, "adapter_weights_bytes": None},
+        "artifacts": _artifacts(run, saved=outcome.status == "completed"),
         "versions": report.versions(),
         "hardware": report.hardware(),
     }
 
 
-def _artifacts(run: RunDir) -> dict:
+def _artifacts(run: RunDir, *, saved: bool) -> dict:
+    """The adapter written by a completed run; a run stopped early wrote none (its checkpoint holds it)."""
+    if not saved:
+        return {"adapter_dir": None, "adapter_bytes": None, "adapter_weights_bytes": None}
     return {"adapter_dir": str(run.adapter), "adapter_bytes": report.directory_bytes(run.adapter),
             "adapter_weights_bytes": (run.adapter / "adapter_model.safetensors").stat().st_size}

@@ -64,3 +64,18 @@ def test_the_report_says_when_remote_code_was_trusted(skipping_run, trained_run)
     _, untrusting, run = trained_run
     assert untrusting["model"]["trust_remote_code"] is False
     assert "trust_remote_code" not in run.report_md.read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16 trains with a grad scaler
+def test_on_a_gpu_a_nan_stops_the_run_before_anything_faulty_is_saved(peft, write_recipe, tmp_path, dtype):
+    out = tmp_path / "out"
+    result = peft("train", write_recipe(tiny_recipe(train=EXPLODING, model={"dtype": dtype})), "-o", out)
+    assert result.code == 1, result
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and report["model"]["dtype"] == dtype
+    fault = int(report["stop_reason"].rsplit(" ", 1)[1])
+    assert f"became NaN/Inf at step {fault}" in " ".join(result.output.split())
+    saved = [step for step, _ in checkpoints.complete(out / "checkpoints")]
+    assert saved and max(saved) == fault - 1
