@@ -11,7 +11,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -74,8 +74,10 @@ def train(recipe: RecipeArg, set_: SetOption = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in the output directory")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in the output directory")] = False,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="build model, adapter and data, print the plan, do not train")] = False,
+          gpus: Annotated[int, typer.Option("--gpus", min=1, help="train on N GPUs of this machine (torchrun; see distributed.strategy)")] = 1,
           debug: DebugOption = False):
     """Train an adapter from a recipe; writes the adapter, the report and checkpoints to a run directory."""
+    from peftcli import distributed
     from peftcli.recipe import load_recipe
     from peftcli.rundir import clear_previous_run, open_run
     from peftcli.train import build_plan, describe, run_training
@@ -83,17 +85,24 @@ def train(recipe: RecipeArg, set_: SetOption = None,
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    launching = gpus > 1 and distributed.world_size() == 1
+    main = distributed.is_main_process()
+    # The launcher only checks the run directory: its rank 0 holds it; a dry run writes nothing.
     with open_run(Path(resolved.output_dir), recipe=resolved, overwrite=overwrite, resume=resume,
-                  lock=not dry_run) as run:
+                  lock=not (dry_run or launching)) as run:
+        if launching:
+            return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
         with console.status("loading model and data"):
             plan = build_plan(resolved)
-        console.print(display.plan_table(describe(plan)))
+        if main:
+            console.print(display.plan_table(describe(plan)))
         if dry_run:
             return
-        if overwrite:
+        if overwrite and main:
             clear_previous_run(run)
         report = run_training(plan, run, resume=resume, console=console)
-    console.print(display.report_table(report, str(run.report_md)))
+    if main:
+        console.print(display.report_table(report, str(run.report_md)))
 
 
 @app.command()
@@ -131,6 +140,54 @@ def init(path: Annotated[Path, typer.Argument(help="where to write the recipe")]
     validate_recipe(yaml.safe_load(text), base_dir=Path.cwd(), source="the starter recipe")
     path.write_text(text)
     console.print(f"wrote {path}; check it with [bold]peft validate {path}[/], train with [bold]peft train {path}[/]")
+
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+DeviceOption = Annotated[Literal["auto", "cpu", "cuda"], typer.Option(
+    "--device", help="where to run; auto = the GPU when there is one")]
+BaseOption = Annotated[Optional[str], typer.Option(
+    "--base", help="the base model, instead of the one the run's recipe or adapter_config.json names")]
+
+
+@app.command()
+@reports_errors
+def merge(source: Annotated[Path, typer.Argument(help="a run directory or an adapter directory", show_default=False)],
+          output: Annotated[Optional[Path], typer.Option("--output", "-o", help="where to write the merged model (default: RUN/merged, or ADAPTER-merged)")] = None,
+          dtype: Annotated[Dtype, typer.Option("--dtype", help="dtype to merge in and save; auto keeps the base's stored dtype (16-bit for a QLoRA base)")] = "auto",
+          base: BaseOption = None, device: DeviceOption = "auto",
+          verify: Annotated[bool, typer.Option("--verify/--no-verify", help="compare the merged model with the adapter model on fixed prompts")] = True,
+          dequantize: Annotated[bool, typer.Option("--dequantize", help="QLoRA: merge into the dequantized 4-bit weights instead of the base reloaded in 16-bit")] = False,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the merged model already in the output directory")] = False,
+          debug: DebugOption = False):
+    """Fold an adapter into its base: a plain transformers model, verified against the adapter model."""
+    from peftcli.merge import run_merge
+
+    merged, where = run_merge(source, output=output, base=base, dtype=dtype, device=device, verify=verify,
+                              dequantize=dequantize, overwrite=overwrite, console=console)
+    console.print(display.merge_table(merged.record, str(where)))
+
+
+@app.command()
+@reports_errors
+def generate(model: Annotated[str, typer.Argument(help="a model (builtin:NAME, folder, .gguf, hub id), a merged model, a run or an adapter directory", show_default=False)],
+             prompt: Annotated[str, typer.Option("--prompt", "-p", help="the text to continue (the user's message with --chat)", show_default=False)],
+             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate at most")] = 128,
+             temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature; 0 = greedy")] = 0.7,
+             chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
+             base: BaseOption = None,
+             dtype: Annotated[Dtype, typer.Option("--dtype", help="weights dtype; auto keeps the stored dtype (a QLoRA run's base loads in 4-bit on a GPU)")] = "auto",
+             device: DeviceOption = "auto",
+             debug: DebugOption = False):
+    """Stream a completion from a base model, a trained adapter or a merged model."""
+    from peftcli.generate import generate as complete, load_for_inference
+    from peftcli.models import resolve_device
+
+    with console.status("loading"):
+        loaded = load_for_inference(model, base=base, dtype=dtype, device=resolve_device(device))
+    errors.print(f"[dim]{loaded.description}[/]", markup=True, highlight=False)
+    complete(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
+             on_text=lambda text: console.out(text, end=""))
+    console.out("")
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from peftcli import distributed
+
 FAULT_KEY = "nonfinite"  # marks a faulty step in state.log_history: "skipped" or "stopped"
 
 
@@ -44,7 +46,8 @@ class NonFiniteGuard(TrainerCallback):
         self._bad_loss = None
         if params and not args.fp16:  # with fp16, the grad scaler itself skips steps whose gradients overflow
             checks.append(~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])))
-        if not checks or not torch.stack([c.to(checks[0].device) for c in checks]).any().item():
+        faulty = bool(checks) and bool(torch.stack([c.to(checks[0].device) for c in checks]).any().item())
+        if not distributed.agreed_max(int(faulty), args.device):  # a NaN in one process stops (or skips) all
             return
         for p in params:
             p.grad = None  # the optimizer leaves a parameter without a gradient as it is

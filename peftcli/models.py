@@ -88,6 +88,17 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
+def resolve_device(option: str) -> str:
+    """--device auto|cpu|cuda as a device: auto takes the GPU when there is one."""
+    import torch
+
+    if option == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible", where="--device", hint="use --device cpu")
+    return option
+
+
 def load_model(base: str, *, dtype, trust_remote_code: bool = False, quantization_config=None,
                device_map=None):
     """The model for causal LM training from `base`, in `dtype`."""
@@ -101,6 +112,14 @@ def load_model(base: str, *, dtype, trust_remote_code: bool = False, quantizatio
     if source.gguf_file:
         _forget_gguf_quantization(model)
     return model
+
+
+def four_bit_config(compute_dtype, quant_type: str = "nf4"):
+    """QLoRA's 4-bit loading: NF4 (or FP4) weights with double quantization, matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def load_tokenizer(base: str, trust_remote_code: bool = False):

@@ -149,12 +149,20 @@ class TrainSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = Field(
+        "ddp", description="how several processes share the work (peft train --gpus N, torchrun, accelerate launch)")
+    cpu_offload: Flag = Field(False, description="fsdp / deepspeed_zero3: keep parameters and optimizer state in CPU memory")
+
+
 class Recipe(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; letters, digits, . _ -")
     model: ModelSection = Field(default_factory=ModelSection, description="the base model")
     method: Method = Field(default_factory=LoraMethod, description="the PEFT method and its settings")
     data: DataSection = Field(default_factory=DataSection, description="training and evaluation data")
     train: TrainSection = Field(default_factory=TrainSection, description="optimisation settings")
+    distributed: DistributedSection = Field(default_factory=DistributedSection,
+                                            description="several GPUs or processes (one process ignores it)")
     output_dir: str = Field("runs/${name}", validate_default=True, description="run directory, relative to where peft runs; ${name} is the run name")
 
     @field_validator("method", mode="before")
@@ -243,6 +251,9 @@ def apply_override(raw: dict, override: str) -> None:
             raise UserError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section", where=f"--set {override}")
         node = child
     node[parts[-1]] = parsed
+    rival = {"epochs": "max_steps", "max_steps": "epochs"}.get(parts[-1])
+    if parts[:-1] == ["train"] and rival and parsed is not None:
+        node.pop(rival, None)  # --set train.max_steps=N replaces the file's epochs (and the reverse)
 
 
 def _read_text(path: Path, what: str) -> str:

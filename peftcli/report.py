@@ -44,11 +44,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_memory() -> dict:
-    """Peak GPU memory allocated by torch on CUDA; else the process's peak resident memory."""
+def peak_memory(device: str | None = None) -> dict:
+    """Peak GPU memory allocated by torch on CUDA (the device used, else any); else the process's
+    peak resident memory."""
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
         peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     else:
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS

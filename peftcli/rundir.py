@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from peftcli import distributed
 from peftcli.errors import UserError
 
 ARTIFACTS = ("adapter", "checkpoints", "recipe.yaml", "report.json", "report.md", "loss.png")
@@ -79,7 +80,13 @@ class RunDir:
 @contextlib.contextmanager
 def open_run(path: Path, *, recipe, overwrite: bool, resume: bool, lock: bool = True) -> Iterator[RunDir]:
     """The run directory, checked (check_output_dir, check_resumable) and, unless `lock` is
-    False (a dry run writes nothing), held against other `peft train` processes meanwhile."""
+    False (a dry run writes nothing), held against other `peft train` processes meanwhile.
+
+    Of the processes of a multi-process run, rank 0 alone checks and holds it: the others
+    follow rank 0, which ends them all if it refuses."""
+    if not distributed.is_main_process():
+        yield RunDir(path)
+        return
     with locked(path) if lock else contextlib.nullcontext():
         run = check_output_dir(path, overwrite=overwrite, resume=resume)
         if resume:

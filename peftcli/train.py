@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from peftcli import data as data_mod
-from peftcli import methods, models, report
+from peftcli import distributed, methods, models, report
 from peftcli.errors import Interrupted, RunFailure, UserError
 from peftcli.recipe import Recipe
 from peftcli.rundir import RunDir
@@ -33,7 +33,7 @@ class Plan:
 
     @property
     def steps(self) -> int:
-        return optimizer_steps(self.train_stats.examples, self.recipe)
+        return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size())
 
     def trainable_params(self) -> tuple[int, int]:
         return self.model.get_nb_trainable_parameters()
@@ -52,12 +52,12 @@ def check_runtime(recipe: Recipe, device: str) -> None:
                         hint="set model.load_in_4bit: false to train in 16/32-bit, or run on a GPU machine")
 
 
-def optimizer_steps(examples: int, recipe: Recipe) -> int:
-    """Optimizer steps the Trainer will run, counted as it counts them."""
+def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1) -> int:
+    """Optimizer steps the Trainer will run, counted as it counts them (batches dealt round-robin to processes)."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
-    batches = math.ceil(examples / t.batch_size)
+    batches = math.ceil(math.ceil(examples / t.batch_size) / processes)
     per_epoch = max(math.ceil(batches / t.grad_accum), 1)
     return math.ceil((t.epochs or 1) * per_epoch)
 
@@ -97,6 +97,7 @@ def build_plan(recipe: Recipe) -> Plan:
 
     device = current_device()
     check_runtime(recipe, device)
+    distributed.check_strategy(recipe.distributed)
     m = recipe.model
     tokenizer = models.load_tokenizer(m.base, m.trust_remote_code)
     fmt, train, train_stats, evaluation, eval_stats = prepare_data(recipe, tokenizer)
@@ -117,7 +118,8 @@ def describe(plan: Plan) -> dict:
         "trainable_percent": 100 * trainable / total, "format": plan.data_format,
         "train_examples": plan.train_stats.examples, "train_truncated": plan.train_stats.truncated,
         "eval_examples": plan.eval_stats.examples if plan.eval_stats else 0,
-        "batch_size": r.train.batch_size * r.train.grad_accum, "steps": plan.steps, "output_dir": r.output_dir,
+        "batch_size": r.train.batch_size * r.train.grad_accum * distributed.world_size(), "steps": plan.steps,
+        "processes": distributed.world_size(), "output_dir": r.output_dir,
     }
 
 
@@ -142,9 +144,11 @@ def training_arguments(plan: Plan, run: RunDir):
         eval_strategy="steps" if periodic_eval else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         bf16=cuda and plan.dtype == torch.bfloat16, fp16=cuda and plan.dtype == torch.float16,
-        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, label_names=["labels"], report_to=[], disable_tqdm=True,
+        log_level="error", log_level_replica="error",
+        **distributed.trainer_options(plan.recipe.distributed, plan.model.get_base_model(), t.gradient_checkpointing),
     )
 
 
@@ -194,15 +198,16 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
     from peftcli.faults import NonFiniteGuard
     from peftcli.interrupt import StopOnSignal
 
-    run.root.mkdir(parents=True, exist_ok=True)
-    checkpoints.clear_leftovers(run.checkpoints)
-    report.write_atomic(run.recipe, plan.recipe.to_yaml())
     trainer = build_trainer(plan, run, console)
-    stop, guard = StopOnSignal(console), NonFiniteGuard(plan.recipe.train.on_nan)
+    main = trainer.is_world_process_zero()
+    if main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        checkpoints.clear_leftovers(run.checkpoints)
+        report.write_atomic(run.recipe, plan.recipe.to_yaml())
+    stop, guard = StopOnSignal(console if main else None), NonFiniteGuard(plan.recipe.train.on_nan)
     trainer.add_callback(stop)
     trainer.add_callback(guard)  # after stop: a faulty step is not saved even when a signal asks for a save
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
-    base_eval = _evaluate_base(trainer, plan) if plan.eval_data is not None else None
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     checkpoint = run.latest_checkpoint() if resume else None
@@ -214,10 +219,13 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
                          hint="lower train.batch_size or data.max_length, or set train.gradient_checkpointing: true"
                          ) from err
     outcome = _outcome(trainer.state, stop, guard)
-    final_eval = None
+    final_eval = base_eval = None
     if outcome.status == "completed":
         final_eval = trainer.evaluate()["eval_loss"] if plan.eval_data is not None else None
-        save_adapter(plan, run)
+        base_eval = _evaluate_base(trainer, plan) if plan.eval_data is not None else None
+        save_adapter(plan, run, trainer)
+    if not main:
+        return {}
     result_report = build_report(plan, run, trainer, result, base_eval, final_eval, started_at,
                                  time.perf_counter() - clock, outcome)
     report.write(result_report, run.report_json, run.report_md, run.loss_plot)
@@ -250,20 +258,34 @@ def _stopped(outcome: Outcome, run: RunDir) -> UserError:
 
 
 def _evaluate_base(trainer, plan: Plan) -> float:
-    """Eval loss of the base model alone: the number the adapter has to beat."""
+    """Eval loss of the base model alone: the number the adapter has to beat.
+
+    Measured after training, with the adapter switched off: an evaluation before training would
+    move the data loaders' random state (accelerate synchronises it across processes) and change
+    what a multi-process run trains on."""
     with plan.model.disable_adapter():
         return trainer.evaluate(metric_key_prefix="base")["base_loss"]
 
 
-def save_adapter(plan: Plan, run: RunDir) -> None:
-    """Write the adapter beside its final place and rename it in, so a crash never leaves half of one."""
+def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
+    """Write the adapter beside its final place and rename it in, so a crash never leaves half of one.
+
+    Rank 0 writes; under FSDP every rank takes part in gathering the sharded adapter weights."""
+    main = trainer.is_world_process_zero()
     staging = run.root / ".adapter.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    plan.model.save_pretrained(staging)
-    plan.tokenizer.save_pretrained(staging)
-    if run.adapter.exists():
-        shutil.rmtree(run.adapter)
-    staging.rename(run.adapter)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_fsdp_enabled:
+        trainer.save_model(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; recipe.yaml says it all
+    elif main:
+        plan.model.save_pretrained(staging)
+        plan.tokenizer.save_pretrained(staging)
+    if main:
+        if run.adapter.exists():
+            shutil.rmtree(run.adapter)
+        staging.rename(run.adapter)
+    trainer.accelerator.wait_for_everyone()
 
 
 def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall,
@@ -303,6 +325,7 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
                  "loss": final_eval, "perplexity": report.perplexity(final_eval),
                  "history": [{"step": e["step"], "loss": e["eval_loss"]} for e in logs if "eval_loss" in e]},
         "memory": report.peak_memory(),
+        "distributed": {"processes": trainer.args.world_size, "strategy": plan.recipe.distributed.strategy},
         "artifacts": _artifacts(run, saved=outcome.status == "completed"),
         "versions": report.versions(),
         "hardware": report.hardware(),

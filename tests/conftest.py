@@ -83,7 +83,7 @@ def trained_run(tmp_path_factory):
     from rich.console import Console
 
     root = tmp_path_factory.mktemp("run")
-    recipe = validate_recipe(tiny_recipe(data={"eval_fraction": 0.25}, train={"max_steps": 8, "lr": 3e-3}),
+    recipe = validate_recipe(tiny_recipe(data={"eval_fraction": 0.25}, train={"max_steps": 8, "lr": 1e-2}),
                              base_dir=ROOT)
     recipe.output_dir = str(root / "out")
     plan = build_plan(recipe)
@@ -95,3 +95,31 @@ def no_traceback(output: str) -> bool:
     return "Traceback" not in output
 
 
+
+
+def save_adapter(path: Path, base: str, config, *, noise: float = 0.05, seed: int = 0) -> Path:
+    """An adapter made with peft's own API on `base` (any PeftConfig) and saved like a trained one:
+    its trainable weights moved off their initial values (LoRA's B starts at zero), tokenizer beside."""
+    import torch
+    from peft import get_peft_model
+
+    from peftcli.models import load_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(base, dtype=torch.float32), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * noise)
+    model.save_pretrained(path)
+    load_tokenizer(base).save_pretrained(path)
+    return path
+
+
+def write_run(root: Path, adapter: Path | None = None, **model) -> Path:
+    """A run directory as `peft train` leaves it: recipe.yaml naming the base, and adapter/."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump({"name": root.name, "model": model, "method": {"name": "lora"}}))
+    if adapter is not None:
+        adapter.rename(root / "adapter")
+    return root

@@ -37,6 +37,13 @@ def test_set_overrides_parse_with_the_field_type(write_recipe):
     assert recipe.output_dir == "runs/other"
 
 
+def test_set_max_steps_replaces_the_files_epochs(write_recipe):
+    recipe = load_recipe(write_recipe("train:\n  epochs: 3\n"), ["train.max_steps=5"])
+    assert (recipe.train.max_steps, recipe.train.epochs) == (5, None)
+    recipe = load_recipe(write_recipe("train:\n  max_steps: 3\n"), ["train.epochs=2"])
+    assert (recipe.train.max_steps, recipe.train.epochs) == (None, 2)
+
+
 def test_set_creates_missing_sections():
     raw = {}
     apply_override(raw, "train.seed=7")
