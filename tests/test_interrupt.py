@@ -76,6 +76,22 @@ class Training:
         return code
 
 
+def interrupted(recipe, out, number=signal.SIGINT, meanwhile=lambda training: None) -> dict:
+    """The report of a run stopped by signal `number` once its first checkpoint was out
+    (`meanwhile(training)` runs just before the signal is sent)."""
+    training = Training(recipe, out)
+    training.wait_for_a_checkpoint()
+    meanwhile(training)
+    training.process.send_signal(number)
+    assert training.finish() == 128 + number, training.output
+    name = signal.Signals(number).name
+    assert f"interrupted: stopped by {name} at step" in training.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["stop_reason"].startswith(f"{name} at step")
+    assert report["checkpoint"] == str(RunDir(out).latest_checkpoint())
+    return report
+
+
 def assert_resumes_to_the_uninterrupted_result(peft, recipe, out, uninterrupted, *extra, tolerance=1e-6):
     result = peft("train", recipe, "-o", out, "--resume", *extra)
     assert result.code == 0, result
@@ -92,17 +108,13 @@ def assert_resumes_to_the_uninterrupted_result(peft, recipe, out, uninterrupted,
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_ends_as_if_never_interrupted(peft, recipe, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    training = Training(recipe, out)
-    training.wait_for_a_checkpoint()
-    busy = peft("train", recipe, "-o", out, "--resume")  # meanwhile, a second run on the same folder
-    assert busy.code == 2 and f"another peft train (PID {training.process.pid})" in busy.output
-    training.process.send_signal(signal.SIGINT)
-    assert training.finish() == 130, training.output
-    assert "interrupted: stopped by SIGINT at step" in training.output
-    report = json.loads((out / "report.json").read_text())
-    latest = RunDir(out).latest_checkpoint()
-    assert report["status"] == "interrupted" and report["stop_reason"].startswith("SIGINT at step")
-    assert report["checkpoint"] == str(latest) and latest.name == f"checkpoint-{report['training']['steps']}"
+
+    def a_second_run_on_the_same_folder(training):
+        busy = peft("train", recipe, "-o", out, "--resume")
+        assert busy.code == 2 and f"another peft train (PID {training.process.pid})" in busy.output
+
+    report = interrupted(recipe, out, meanwhile=a_second_run_on_the_same_folder)
+    assert RunDir(out).latest_checkpoint().name == f"checkpoint-{report['training']['steps']}"
     assert report["training"]["steps"] < STEPS and report["artifacts"]["adapter_dir"] is None
     assert not (out / "adapter").exists() and not (out / LOCK).exists()
     assert_resumes_to_the_uninterrupted_result(peft, recipe, out, uninterrupted,
@@ -111,14 +123,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_as_if_never_interrupted(peft,
 
 @pytest.mark.slow
 def test_sigterm_stops_the_same_way_and_exits_143(recipe, tmp_path):
-    out = tmp_path / "out"
-    training = Training(recipe, out)
-    training.wait_for_a_checkpoint()
-    training.process.send_signal(signal.SIGTERM)
-    assert training.finish() == 143, training.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "interrupted" and report["stop_reason"].startswith("SIGTERM at step")
-    assert report["checkpoint"] == str(RunDir(out).latest_checkpoint())
+    report = interrupted(recipe, tmp_path / "out", signal.SIGTERM)  # exit 143 is checked there
+    assert report["training"]["steps"] < STEPS
 
 
 @pytest.mark.slow
@@ -180,11 +186,7 @@ def test_ctrl_c_saves_a_checkpoint_even_without_save_steps(peft, write_recipe, t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_an_interrupted_bf16_run_resumes_to_the_uninterrupted_result(peft, recipe, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    training = Training(recipe, out)
-    training.wait_for_a_checkpoint()
-    training.process.send_signal(signal.SIGINT)
-    assert training.finish() == 130, training.output
-    report = json.loads((out / "report.json").read_text())
+    report = interrupted(recipe, out)
     assert report["model"]["dtype"] == "bfloat16" and report["training"]["steps"] < STEPS
     # bfloat16 keeps 8 bits of mantissa: 1e-2 is a few roundings, far below what a lost
     # optimizer state, scheduler step or data position would change.
