@@ -52,7 +52,7 @@ def reports_errors(command):
         except UserError as err:
             if debug:
                 traceback.print_exc()
-            errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+            errors.print(f"[bold red]{err.label}:[/] {err}", markup=True, highlight=False)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
@@ -79,25 +79,28 @@ def train(recipe: RecipeArg, set_: SetOption = None,
     """Train an adapter from a recipe; writes the adapter, the report and checkpoints to a run directory."""
     from peftcli import distributed
     from peftcli.recipe import load_recipe
-    from peftcli.rundir import check_output_dir, clear_previous_run
+    from peftcli.rundir import clear_previous_run, open_run
     from peftcli.train import build_plan, describe, run_training
 
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
-    run = check_output_dir(Path(resolved.output_dir), overwrite=overwrite, resume=resume)
-    if gpus > 1 and distributed.world_size() == 1:
-        return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
+    launching = gpus > 1 and distributed.world_size() == 1
     main = distributed.is_main_process()
-    with console.status("loading model and data"):
-        plan = build_plan(resolved)
-    if main:
-        console.print(display.plan_table(describe(plan)))
-    if dry_run:
-        return
-    if overwrite and main:
-        clear_previous_run(run)
-    report = run_training(plan, run, resume=resume, console=console)
+    # The launcher only checks the run directory: its rank 0 holds it; a dry run writes nothing.
+    with open_run(Path(resolved.output_dir), recipe=resolved, overwrite=overwrite, resume=resume,
+                  lock=not (dry_run or launching)) as run:
+        if launching:
+            return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
+        with console.status("loading model and data"):
+            plan = build_plan(resolved)
+        if main:
+            console.print(display.plan_table(describe(plan)))
+        if dry_run:
+            return
+        if overwrite and main:
+            clear_previous_run(run)
+        report = run_training(plan, run, resume=resume, console=console)
     if main:
         console.print(display.report_table(report, str(run.report_md)))
 

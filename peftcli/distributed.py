@@ -75,3 +75,19 @@ def zero3_config(section) -> dict:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "train_batch_size": "auto"}
+
+
+def agreed_max(value: int, device) -> int:
+    """The largest `value` any process holds, known to every process; `value` itself in one process.
+
+    For decisions that must be the same everywhere (stop now, skip this step): a process that
+    decided alone would wait forever in the next collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    import torch
+
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -29,8 +29,9 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-# Floats stay lax so that YAML's `1e-4` (a string to YAML 1.1) reads as a number.
-Real = Annotated[float, BeforeValidator(_not_bool)]
+# Floats stay lax so that YAML's `1e-4` (a string to YAML 1.1) reads as a number; .nan and
+# .inf are never a meaningful setting.
+Real = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -297,8 +298,12 @@ class DataSection(Section):
     eval_fraction: Real | None = Field(None, gt=0, lt=1, description="hold out this fraction of train for evaluation")
     format: Literal["auto", "alpaca", "chat", "completion", "text"] = Field(
         "auto", description="row layout; auto picks it from the columns")
-    max_length: PositiveInt = Field(512, description="tokens per example; longer ones are truncated and counted")
+    max_length: PositiveInt = Field(512, description="tokens per example; what happens to longer ones is on_long")
     train_on_prompt: Flag = Field(False, description="also compute the loss on prompt tokens (alpaca, chat, completion)")
+    on_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="examples longer than max_length: truncate or drop them (counted in the report), or stop")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a bad row (invalid JSON line, missing or mistyped field, no tokens): stop, or skip it and list it in the report")
 
     @field_validator("train", "eval")
     @classmethod
@@ -339,6 +344,8 @@ class TrainSection(Section):
     save_steps: PositiveInt | None = Field(None, description="write a resumable checkpoint every N steps")
     save_total_limit: PositiveInt | None = Field(2, description="keep only the newest N checkpoints")
     gradient_checkpointing: Flag = Field(False, description="recompute activations in backward to save memory")
+    on_nan: Literal["stop", "skip_step"] = Field(
+        "stop", description="a NaN/Inf loss or gradient: stop the run (exit 1, checkpoints kept), or skip that step's update")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
@@ -450,10 +457,23 @@ def recipe_from_overrides(overrides: list[str] | tuple[str, ...], *, base_dir: P
 def validate_recipe(raw: dict, *, base_dir: Path, source: str = "recipe", text: str | None = None,
                     overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     try:
-        return Recipe.model_validate(raw, context={"base_dir": base_dir})
+        recipe = Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
         problems = [_describe(e, source, text, overrides) for e in err.errors()]
         raise UserError("invalid recipe\n  " + "\n  ".join(problems)) from err
+    problems = [f"{_where(loc, source, text, overrides)}: {'.'.join(loc)}: {why}" for loc, why in contradictions(recipe)]
+    if problems:
+        raise UserError("invalid recipe\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def contradictions(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """Settings valid one by one that cannot hold together, as (field path, why); sections check their own."""
+    found = []
+    if recipe.train.eval_steps is not None and recipe.data.eval is None and recipe.data.eval_fraction is None:
+        found.append((("train", "eval_steps"), "evaluating every N steps needs evaluation data; "
+                                               "set data.eval or data.eval_fraction, or remove train.eval_steps"))
+    return found
 
 
 def apply_override(raw: dict, override: str) -> None:
