@@ -36,13 +36,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @dataclass
 class Workload:
-    """What to train: the recipe, and for the standard workload its size, quantization and token rows."""
+    """What to train: the recipe, and for the standard workload its model size and quantization."""
 
     name: str
     recipe: object
     size: str | None = None
     qlora: bool = False
-    rows: list[list[int]] | None = None
 
 
 def standard_recipe(size: str, qlora: bool, steps: int, overrides=(), settings: dict | None = None):
@@ -79,6 +78,9 @@ def workload(recipe_path: Path | None, standard: bool, size: str, qlora: bool, s
     if steps <= WARMUP:
         raise UserError(f"--steps must be more than the {WARMUP} warm-up steps", where="--steps")
     if not standard:
+        if qlora:
+            raise UserError("--qlora is for the standard workload", where="--qlora",
+                            hint="set model.load_in_4bit: true in the recipe, or add --workload standard")
         recipe = load_recipe(recipe_path, [*overrides, "train.epochs=null", f"train.max_steps={steps}"])
         return Workload(recipe.name, recipe)
     settings = {}
@@ -138,7 +140,7 @@ def _standard_plan(work: Workload, device: str):
     if work.qlora and device != "cuda":
         raise UserError("--qlora needs a CUDA GPU", where="--qlora")
     model, dtype = _standard_model(work, device)
-    rows = work.rows or standard_rows(model.config.vocab_size)
+    rows = standard_rows(model.config.vocab_size)
     train = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows})
     tokens = sum(map(len, rows))
     stats = DataStats(rows=len(rows), examples=len(rows), tokens=tokens, target_tokens=tokens)

@@ -60,6 +60,7 @@ class SpeedPlan:
             "fused_lora": f"{self.fused_layers} layers" if self.fused_layers else self.fused_lora,
             "gradient_checkpointing": checkpointing + (", offloaded to CPU" if self.offload else ""),
             "compile": self.compile,
+            "memory_budget_gib": None if self.memory_budget_gib is None else round(self.memory_budget_gib, 1),
             "estimated_peak_gib": None if self.estimated_peak_gib is None else round(self.estimated_peak_gib, 1),
         }
 
@@ -176,10 +177,12 @@ def _resolve_liger(setting, base, device: str) -> bool:
 
 
 def _resolve_fused_lora(setting, method) -> bool:
-    plain_lora = method.name == "lora" and method.dropout == 0
+    """Layers the fused path cannot compute (dropout, DoRA, other methods) keep peft's forward at run time;
+    with dropout on every layer there is nothing to fuse."""
+    without_dropout = getattr(method, "dropout", 0) == 0
     if setting == "auto":
-        return plain_lora
-    if setting and not plain_lora:
+        return without_dropout
+    if setting and not without_dropout:
         raise UserError("the fused LoRA layer computes LoRA without dropout", where="train.fused_lora",
                         hint="set method.dropout: 0, or train.fused_lora: auto")
     return setting
@@ -204,9 +207,12 @@ def _choose_checkpointing(speed: SpeedPlan, t, base, model, tokens: int) -> None
         total = torch.cuda.get_device_properties(0).total_memory / GIB
         speed.memory_budget_gib = t.max_memory_gib or DEFAULT_MEMORY_FRACTION * total
 
+    activation_bytes = base.get_input_embeddings().weight.element_size()  # the compute dtype, 4-bit bases too
+
     def peak(checkpointed: int) -> float:
         return estimate_peak_bytes(base.config, tokens=tokens, layers=speed.layers, checkpointed=checkpointed,
-                                   offload=speed.offload, liger=speed.liger, fixed_bytes=fixed) / GIB
+                                   offload=speed.offload, liger=speed.liger, fixed_bytes=fixed,
+                                   dtype_bytes=activation_bytes) / GIB
 
     if t.gradient_checkpointing != "auto":
         speed.checkpointed = speed.layers if t.gradient_checkpointing else 0
