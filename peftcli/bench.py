@@ -26,7 +26,7 @@ from peftcli import methods, models, report
 from peftcli import speed as speed_mod
 from peftcli.data import IGNORE, DataStats
 from peftcli.errors import UserError
-from peftcli.recipe import apply_override, validate_recipe
+from peftcli.recipe import Recipe, apply_override, validate_recipe
 
 WARMUP = 5  # steps before the clock starts, as in the baselines
 SEQUENCES, MEDIAN_LENGTH, MAX_LENGTH = 2000, 350, 2048
@@ -39,7 +39,7 @@ class Workload:
     """What to train: the recipe, and for the standard workload its model size and quantization."""
 
     name: str
-    recipe: object
+    recipe: Recipe
     size: str | None = None
     qlora: bool = False
 

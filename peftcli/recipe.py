@@ -169,7 +169,7 @@ class TrainSection(Section):
     fused_lora: FlagOrAuto = Field(
         "auto", description="compute each LoRA layer (base matmul and low-rank path) in one autograd function; "
                             "auto = for LoRA with dropout 0")
-    compile: Flag = Field(False, description="torch.compile each decoder layer (slow first steps; pays on long runs)")
+    compile: Flag = Field(False, description="torch.compile each decoder layer (minutes of compiling first; not yet measured on a GPU)")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
