@@ -229,8 +229,43 @@ def count_params(
         console.print()
 
 
+@app.command()
+@reports_errors
+def bench(recipe: Annotated[Optional[Path], typer.Argument(help="a recipe: benchmark its run, or with --workload "
+                                                          "standard its train settings", show_default=False)] = None,
+          workload: Annotated[Optional[str], typer.Option("--workload", help="standard: the project's speed workload "
+                                                          "(the default without a recipe)")] = None,
+          size: Annotated[str, typer.Option("--size", help="standard workload model: 1b, 8b (Llama shapes, GPU) "
+                                                            "or tiny (CPU)")] = "1b",
+          qlora: Annotated[bool, typer.Option("--qlora", help="standard workload in 4-bit NF4 (GPU)")] = False,
+          steps: Annotated[int, typer.Option("--steps", help="optimizer steps; the first 5 are not timed")] = 25,
+          set_: SetOption = None,
+          as_json: Annotated[bool, typer.Option("--json", help="print one JSON line instead of the table")] = False,
+          debug: DebugOption = False):
+    """Measure training speed (label tokens/s, steps 5 on) and peak memory through peft train's own code path."""
+    import json
+
+    from peftcli import bench as bench_mod
+    from rich.console import Console
+
+    if workload not in (None, "standard"):
+        raise UserError(f"unknown workload '{workload}'", where="--workload", hint="the one workload is: standard")
+    if size not in bench_mod.SIZES:
+        raise UserError(f"unknown size '{size}'", where="--size", hint=f"choose one of: {', '.join(bench_mod.SIZES)}")
+    if recipe is None and workload is None:
+        workload = "standard"
+    work = bench_mod.workload(recipe, workload == "standard", size, qlora, steps, set_ or [])
+    result = bench_mod.run(work, Console(quiet=True) if as_json else console)
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        console.print(display.bench_table(result))
+
+
 def main() -> None:
     quiet_libraries()
+    # Batches of varying length fragment the CUDA caching allocator; growable segments avoid that.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     app(prog_name="peft")
 
 

@@ -122,6 +122,7 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
         ("eval perplexity: base → trained", f"{_fmt(ev['base_perplexity'])} → {_fmt(ev['perplexity'])}"),
         ("wall time", f"{report['wall_time_s']:.1f} s"),
         (f"peak memory ({mem['measure']})", f"{mem['peak_gib']:.3f} GiB"),
+        ("speed settings", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["speed"].items())),
         ("adapter size", _fmt_bytes(report["artifacts"]["adapter_bytes"])),
         ("hardware", report["hardware"]["gpu"] or report["hardware"]["cpu"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),

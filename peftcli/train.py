@@ -11,6 +11,7 @@ from typing import Any
 
 from peftcli import data as data_mod
 from peftcli import distributed, methods, models, report
+from peftcli import speed as speed_mod
 from peftcli.errors import Interrupted, RunFailure, UserError
 from peftcli.recipe import Recipe
 from peftcli.rundir import RunDir
@@ -30,10 +31,13 @@ class Plan:
     eval_data: Any | None
     train_stats: data_mod.DataStats
     eval_stats: data_mod.DataStats | None
+    speed: speed_mod.SpeedPlan
 
     @property
     def steps(self) -> int:
-        return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size())
+        packed = self.speed.batches
+        return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size(),
+                               batches=len(packed) if packed else None)
 
     def trainable_params(self) -> tuple[int, int]:
         return self.model.get_nb_trainable_parameters()
@@ -55,12 +59,13 @@ def check_runtime(recipe: Recipe, device: str) -> None:
                         hint="set model.load_in_4bit: false to train in 16/32-bit, or run on a GPU machine")
 
 
-def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1) -> int:
-    """Optimizer steps the Trainer will run, counted as it counts them (batches dealt round-robin to processes)."""
+def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1, batches: int | None = None) -> int:
+    """Optimizer steps the Trainer will run, counted as it counts them: `batches` per epoch (packed, or
+    batch_size examples each) dealt round-robin to the processes."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
-    batches = math.ceil(math.ceil(examples / t.batch_size) / processes)
+    batches = math.ceil((batches or math.ceil(examples / t.batch_size)) / processes)
     per_epoch = max(math.ceil(batches / t.grad_accum), 1)
     return math.ceil((t.epochs or 1) * per_epoch)
 
@@ -108,9 +113,11 @@ def build_plan(recipe: Recipe) -> Plan:
     model = models.load_model(m.base, dtype=dtype, trust_remote_code=m.trust_remote_code,
                               **methods.loading_options(recipe, dtype))
     set_seed(recipe.train.seed)  # the adapter's initial weights depend on it
-    model = methods.attach(model, recipe.method, steps=optimizer_steps(train_stats.examples, recipe),
-                           gradient_checkpointing=recipe.train.gradient_checkpointing)
-    return Plan(recipe, device, dtype, model, tokenizer, fmt, train, evaluation, train_stats, eval_stats)
+    # AdaLoRA schedules over the run's steps; packing keeps about batch_size examples a step, so the
+    # unpacked count serves. The speed plan then decides checkpointing layer by layer for every method.
+    model = methods.attach(model, recipe.method, steps=optimizer_steps(train_stats.examples, recipe))
+    speed = speed_mod.plan(recipe, model, train, device)
+    return Plan(recipe, device, dtype, model, tokenizer, fmt, train, evaluation, train_stats, eval_stats, speed)
 
 
 def describe(plan: Plan) -> dict:
@@ -125,6 +132,7 @@ def describe(plan: Plan) -> dict:
         "eval_examples": plan.eval_stats.examples if plan.eval_stats else 0,
         "batch_size": r.train.batch_size * r.train.grad_accum * distributed.world_size(), "steps": plan.steps,
         "processes": distributed.world_size(), "output_dir": r.output_dir,
+        **plan.speed.describe(),
     }
 
 
@@ -140,7 +148,8 @@ def training_arguments(plan: Plan, run: RunDir):
     return TrainingArguments(
         # The Trainer writes checkpoints into a staging folder; PublishCheckpoints renames each
         # into run.checkpoints once complete and keeps the newest save_total_limit (so not here).
-        output_dir=str(checkpoints.staging(run.checkpoints)), per_device_train_batch_size=t.batch_size,
+        output_dir=str(checkpoints.staging(run.checkpoints)),
+        per_device_train_batch_size=1 if plan.speed.packing else t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
@@ -149,11 +158,11 @@ def training_arguments(plan: Plan, run: RunDir):
         eval_strategy="steps" if periodic_eval else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         bf16=cuda and plan.dtype == torch.bfloat16, fp16=cuda and plan.dtype == torch.float16,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=plan.speed.liger,  # speed.prepare applies checkpointing itself, layer by layer
         include_num_input_tokens_seen="non_padding", use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, label_names=["labels"], report_to=[], disable_tqdm=True,
         log_level="error", log_level_replica="error",
-        **distributed.trainer_options(plan.recipe.distributed, plan.model, t.gradient_checkpointing),
+        **distributed.trainer_options(plan.recipe.distributed, plan.model),
     )
 
 
@@ -170,9 +179,10 @@ def build_trainer(plan: Plan, run: RunDir, console):
     from peftcli.checkpoints import PublishCheckpoints
     from peftcli.progress import RichProgress
 
-    collator = DataCollatorForSeq2Seq(plan.tokenizer, padding=True, label_pad_token_id=data_mod.IGNORE,
-                                      pad_to_multiple_of=8 if plan.device == "cuda" else None)
-    trainer = Trainer(model=plan.model, args=training_arguments(plan, run), train_dataset=plan.train_data,
+    padding = DataCollatorForSeq2Seq(plan.tokenizer, padding=True, label_pad_token_id=data_mod.IGNORE,
+                                     pad_to_multiple_of=8 if plan.device == "cuda" else None)
+    train_data, collator = speed_mod.prepare(plan.speed, plan.model, plan.train_data, padding)
+    trainer = Trainer(model=plan.model, args=training_arguments(plan, run), train_dataset=train_data,
                       eval_dataset=plan.eval_data, data_collator=collator, processing_class=plan.tokenizer)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
@@ -337,6 +347,7 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
                   "architecture": type(plan.model.get_base_model()).__name__, "device": plan.device,
                   "trust_remote_code": plan.recipe.model.trust_remote_code},
         "method": plan.recipe.method.model_dump(mode="json"),
+        "speed": plan.speed.describe(),
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
         "data": {"format": plan.data_format, "train": plan.train_stats.as_dict(),
                  "eval": plan.eval_stats.as_dict() if plan.eval_stats else None},

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
