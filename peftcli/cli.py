@@ -52,7 +52,7 @@ def reports_errors(command):
         except UserError as err:
             if debug:
                 traceback.print_exc()
-            errors.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+            errors.print(f"[bold red]{err.label}:[/] {err}", markup=True, highlight=False)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
@@ -79,25 +79,28 @@ def train(recipe: RecipeArg, set_: SetOption = None,
     """Train an adapter from a recipe; writes the adapter, the report and checkpoints to a run directory."""
     from peftcli import distributed
     from peftcli.recipe import load_recipe
-    from peftcli.rundir import check_output_dir, clear_previous_run
+    from peftcli.rundir import clear_previous_run, open_run
     from peftcli.train import build_plan, describe, run_training
 
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
-    run = check_output_dir(Path(resolved.output_dir), overwrite=overwrite, resume=resume)
-    if gpus > 1 and distributed.world_size() == 1:
-        return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
+    launching = gpus > 1 and distributed.world_size() == 1
     main = distributed.is_main_process()
-    with console.status("loading model and data"):
-        plan = build_plan(resolved)
-    if main:
-        console.print(display.plan_table(describe(plan)))
-    if dry_run:
-        return
-    if overwrite and main:
-        clear_previous_run(run)
-    report = run_training(plan, run, resume=resume, console=console)
+    # The launcher only checks the run directory: its rank 0 holds it; a dry run writes nothing.
+    with open_run(Path(resolved.output_dir), recipe=resolved, overwrite=overwrite, resume=resume,
+                  lock=not (dry_run or launching)) as run:
+        if launching:
+            return distributed.launch(gpus, distributed.without_gpus_option(sys.argv[1:]))
+        with console.status("loading model and data"):
+            plan = build_plan(resolved)
+        if main:
+            console.print(display.plan_table(describe(plan)))
+        if dry_run:
+            return
+        if overwrite and main:
+            clear_previous_run(run)
+        report = run_training(plan, run, resume=resume, console=console)
     if main:
         console.print(display.report_table(report, str(run.report_md)))
 
@@ -309,8 +312,43 @@ def count_params(
         console.print()
 
 
+@app.command()
+@reports_errors
+def bench(recipe: Annotated[Optional[Path], typer.Argument(help="a recipe: benchmark its run, or with --workload "
+                                                          "standard its train settings", show_default=False)] = None,
+          workload: Annotated[Optional[str], typer.Option("--workload", help="standard: the project's speed workload "
+                                                          "(the default without a recipe)")] = None,
+          size: Annotated[str, typer.Option("--size", help="standard workload model: 1b, 8b (Llama shapes, GPU) "
+                                                            "or tiny (CPU)")] = "1b",
+          qlora: Annotated[bool, typer.Option("--qlora", help="standard workload in 4-bit NF4 (GPU)")] = False,
+          steps: Annotated[int, typer.Option("--steps", help="optimizer steps; the first 5 are not timed")] = 25,
+          set_: SetOption = None,
+          as_json: Annotated[bool, typer.Option("--json", help="print one JSON line instead of the table")] = False,
+          debug: DebugOption = False):
+    """Measure training speed (label tokens/s, steps 5 on) and peak memory through peft train's own code path."""
+    import json
+
+    from peftcli import bench as bench_mod
+    from rich.console import Console
+
+    if workload not in (None, "standard"):
+        raise UserError(f"unknown workload '{workload}'", where="--workload", hint="the one workload is: standard")
+    if size not in bench_mod.SIZES:
+        raise UserError(f"unknown size '{size}'", where="--size", hint=f"choose one of: {', '.join(bench_mod.SIZES)}")
+    if recipe is None and workload is None:
+        workload = "standard"
+    work = bench_mod.workload(recipe, workload == "standard", size, qlora, steps, set_ or [])
+    result = bench_mod.run(work, Console(quiet=True) if as_json else console)
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        console.print(display.bench_table(result))
+
+
 def main() -> None:
     quiet_libraries()
+    # Batches of varying length fragment the CUDA caching allocator; growable segments avoid that.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     app(prog_name="peft")
 
 

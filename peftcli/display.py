@@ -35,6 +35,15 @@ def report_table(report: dict, where: str) -> Table:
     return key_values("Done", rows)
 
 
+def bench_table(result: dict) -> Table:
+    rows = {"workload": result["workload"] + (f" {result['size']}" if result["size"] else "")
+            + (" QLoRA" if result["qlora"] else ""),
+            "real tokens/s": result["real_tokens_per_s"], "peak memory GiB": result["peak_gib"],
+            "loss": result["loss"], "steps (timed)": f"{result['steps']} ({result['timed_steps']})",
+            **result["settings"]}
+    return key_values("Benchmark", rows)
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"

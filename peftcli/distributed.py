@@ -53,18 +53,19 @@ def check_strategy(section) -> None:
                         hint="pip install deepspeed, or use ddp or fsdp")
 
 
-def trainer_options(section, model, gradient_checkpointing: bool) -> dict:
-    """TrainingArguments settings for the recipe's strategy (they only act under several processes)."""
+def trainer_options(section, model) -> dict:
+    """TrainingArguments settings for the recipe's strategy (they only act under several processes).
+
+    Activation checkpointing is not among them: the speed plan applies it layer by layer itself."""
     if section.strategy == "ddp":
         # Every adapter weight takes part in every step: skipping the unused-parameter search is safe and faster.
-        return {"ddp_find_unused_parameters": False, "activation_checkpointing": gradient_checkpointing}
+        return {"ddp_find_unused_parameters": False}
     if section.strategy == "fsdp":
-        # FSDP's own activation checkpointing avoids the extra all-gather of the Trainer's;
-        # transformers wraps the LoRA layers separately and keeps 4-bit storage in the compute dtype.
-        return {"fsdp": True, "activation_checkpointing": False, "fsdp_config": {
+        # transformers wraps the LoRA layers apart and keeps 4-bit storage in the compute dtype.
+        return {"fsdp": True, "fsdp_config": {
             "transformer_layer_cls_to_wrap": list(getattr(model, "_no_split_modules", None) or []),  # peft forwards it
-            "cpu_offload": section.cpu_offload, "activation_checkpointing": gradient_checkpointing}}
-    return {"activation_checkpointing": gradient_checkpointing, "deepspeed": zero3_config(section)}
+            "cpu_offload": section.cpu_offload}}
+    return {"deepspeed": zero3_config(section)}
 
 
 def zero3_config(section) -> dict:
@@ -75,3 +76,19 @@ def zero3_config(section) -> dict:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "train_batch_size": "auto"}
+
+
+def agreed_max(value: int, device) -> int:
+    """The largest `value` any process holds, known to every process; `value` itself in one process.
+
+    For decisions that must be the same everywhere (stop now, skip this step): a process that
+    decided alone would wait forever in the next collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    import torch
+
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -10,6 +10,7 @@ class UserError(Exception):
     `where` names the file, field, line or row; `hint` says what would fix it."""
 
     exit_code = 2
+    label = "error"  # how the CLI introduces the message
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
         super().__init__(message)
@@ -24,3 +25,14 @@ class RunFailure(UserError):
     """Training or I/O failed for a reason outside the recipe (out of memory, disk full...): exit 1."""
 
     exit_code = 1
+
+
+class Interrupted(UserError):
+    """The run was stopped by a signal after saving a checkpoint: exit 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
+
+    label = "interrupted"
+
+    def __init__(self, message: str, *, signal_number: int, where: str | None = None, hint: str | None = None):
+        super().__init__(message, where=where, hint=hint)
+        self.exit_code = 128 + signal_number

@@ -23,14 +23,25 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 
 
+def _flag_or_auto(value: Any) -> Any:
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError(f"expected true, false or auto (got {value!r})")
+
+
+# A switch whose `auto` lets the run decide (by profile, device and model): one error for anything else.
+FlagOrAuto = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_flag_or_auto)]
+
+
 def _not_bool(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {str(value).lower()}")
     return value
 
 
-# Floats stay lax so that YAML's `1e-4` (a string to YAML 1.1) reads as a number.
-Real = Annotated[float, BeforeValidator(_not_bool)]
+# Floats stay lax so that YAML's `1e-4` (a string to YAML 1.1) reads as a number; .nan and
+# .inf are never a meaningful setting.
+Real = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -57,6 +68,9 @@ class ModelSection(Section):
         "auto", description="weights dtype; auto = bfloat16 on a GPU that has it, float32 on CPU")
     load_in_4bit: Flag = Field(False, description="load the base in 4-bit with bitsandbytes (QLoRA; NF4 and double quantization unless method qlora sets them); needs a CUDA GPU")
     trust_remote_code: Flag = Field(False, description="run model code shipped with a hub model (only if you trust it)")
+    attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="attention kernel; auto = varlen (padding-free flash) on a GPU when packing a Llama-family "
+                            "model, else the model's default (sdpa)")
 
     @field_validator("base")
     @classmethod
@@ -361,8 +375,12 @@ class DataSection(Section):
     eval_fraction: Real | None = Field(None, gt=0, lt=1, description="hold out this fraction of train for evaluation")
     format: Literal["auto", "alpaca", "chat", "completion", "text"] = Field(
         "auto", description="row layout; auto picks it from the columns")
-    max_length: PositiveInt = Field(512, description="tokens per example; longer ones are truncated and counted")
+    max_length: PositiveInt = Field(512, description="tokens per example; what happens to longer ones is on_long")
     train_on_prompt: Flag = Field(False, description="also compute the loss on prompt tokens (alpaca, chat, completion)")
+    on_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="examples longer than max_length: truncate or drop them (counted in the report), or stop")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a bad row (invalid JSON line, missing or mistyped field, no tokens): stop, or skip it and list it in the report")
 
     @field_validator("train", "eval")
     @classmethod
@@ -402,7 +420,32 @@ class TrainSection(Section):
     eval_steps: PositiveInt | None = Field(None, description="evaluate every N steps (always at the end when there is eval data)")
     save_steps: PositiveInt | None = Field(None, description="write a resumable checkpoint every N steps")
     save_total_limit: PositiveInt | None = Field(2, description="keep only the newest N checkpoints")
-    gradient_checkpointing: Flag = Field(False, description="recompute activations in backward to save memory")
+    gradient_checkpointing: FlagOrAuto = Field(
+        "auto", description="recompute activations in backward to save memory; auto = by profile: fast checkpoints "
+                            "only the layers that do not fit in max_memory_gib, lean all of them")
+    profile: Literal["fast", "lean"] = Field(
+        "fast", description="speed/memory defaults: fast = fastest that fits in memory; lean = least memory "
+                            "(every layer checkpointed, activations offloaded to CPU on a GPU)")
+    packing: FlagOrAuto = Field(
+        "auto", description="padding-free packing of examples into token-budget batches (no attention across "
+                            "examples); auto = when varlen attention runs (sdpa/eager attend over a whole packed row)")
+    max_tokens_per_batch: PositiveInt | None = Field(
+        None, description="token budget of a packed batch; null = batch_size × the mean example length, so a step "
+                          "holds about batch_size examples")
+    max_memory_gib: Real | None = Field(
+        None, gt=0, description="GPU memory the fast profile plans within when choosing gradient checkpointing; "
+                                "null = 90% of the GPU")
+    offload_activations: FlagOrAuto = Field(
+        "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile")
+    liger_kernels: FlagOrAuto = Field(
+        "auto", description="liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (no full logits); "
+                            "auto = on a GPU with liger-kernel installed, for the architectures it supports")
+    fused_lora: FlagOrAuto = Field(
+        "auto", description="compute each LoRA layer (base matmul and low-rank path) in one autograd function; "
+                            "auto = for LoRA with dropout 0")
+    compile: Flag = Field(False, description="torch.compile each decoder layer (minutes of compiling first; not yet measured on a GPU)")
+    on_nan: Literal["stop", "skip_step"] = Field(
+        "stop", description="a NaN/Inf loss or gradient: stop the run (exit 1, checkpoints kept), or skip that step's update")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
@@ -533,11 +576,24 @@ def recipe_from_overrides(overrides: list[str] | tuple[str, ...], *, base_dir: P
 def validate_recipe(raw: dict, *, base_dir: Path, source: str = "recipe", text: str | None = None,
                     overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     try:
-        return Recipe.model_validate(raw, context={"base_dir": base_dir})
+        recipe = Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
         listed = isinstance(raw.get("method"), list)
         problems = [_describe(e, source, text, overrides, listed) for e in err.errors()]
         raise UserError("invalid recipe\n  " + "\n  ".join(problems)) from err
+    problems = [f"{_where(loc, source, text, overrides)}: {'.'.join(loc)}: {why}" for loc, why in contradictions(recipe)]
+    if problems:
+        raise UserError("invalid recipe\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def contradictions(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """Settings valid one by one that cannot hold together, as (field path, why); sections check their own."""
+    found = []
+    if recipe.train.eval_steps is not None and recipe.data.eval is None and recipe.data.eval_fraction is None:
+        found.append((("train", "eval_steps"), "evaluating every N steps needs evaluation data; "
+                                               "set data.eval or data.eval_fraction, or remove train.eval_steps"))
+    return found
 
 
 def apply_override(raw: dict, override: str) -> None:

@@ -68,9 +68,16 @@ def directory_bytes(path: Path) -> int:
 
 
 def write(report: dict, json_path: Path, md_path: Path, plot_path: Path) -> None:
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=2) + "\n")
     has_plot = plot_loss(report, plot_path)
-    md_path.write_text(to_markdown(report, plot_path.name if has_plot else None))
+    write_atomic(md_path, to_markdown(report, plot_path.name if has_plot else None))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside `path` and rename over it: a reader (or a crash) never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def plot_loss(report: dict, path: Path) -> bool:
@@ -93,15 +100,17 @@ def plot_loss(report: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png")
     plt.close(fig)
+    os.replace(partial, path)
     return True
 
 
 def to_markdown(report: dict, plot_name: str | None) -> str:
     params, training, ev, mem = report["params"], report["training"], report["eval"], report["memory"]
     rows = [
-        ("status", report["status"]),
+        ("status", report["status"] + (f" ({report['stop_reason']})" if report.get("stop_reason") else "")),
         ("base model", report["model"]["base"]),
         ("method", method_label(report["method"])),
         ("trainable parameters", f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.4f}%)"),
@@ -113,10 +122,17 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
         ("eval perplexity: base → trained", f"{_fmt(ev['base_perplexity'])} → {_fmt(ev['perplexity'])}"),
         ("wall time", f"{report['wall_time_s']:.1f} s"),
         (f"peak memory ({mem['measure']})", f"{mem['peak_gib']:.3f} GiB"),
+        ("speed settings", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["speed"].items())),
         _saved_size(report["artifacts"]),
         ("hardware", report["hardware"]["gpu"] or report["hardware"]["cpu"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
     ]
+    if training.get("skipped_steps"):
+        rows.append(("steps skipped (NaN/Inf)", ", ".join(map(str, training["skipped_steps"]))))
+    if report["model"].get("trust_remote_code"):
+        rows.append(("trust_remote_code", "on: model code shipped with the model was run"))
+    if report["status"] != "completed" and report.get("checkpoint"):
+        rows.append(("resume from", f"{report['checkpoint']} (`peft train RECIPE --resume`)"))
     data = report["data"]["train"]
     lines = [f"# Run report: {report['name']}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -124,6 +140,7 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
               f"{data['examples']:,} training examples from {data['rows']:,} rows "
               f"({data['truncated']} truncated at max_length, {data['dropped_no_target']} dropped with no target "
               f"token), {data['target_tokens']:,} target tokens per epoch."]
+    lines += _left_out(report["data"])
     if plot_name:
         lines += ["", "## Loss", "", f"![loss]({plot_name})"]
     if "model_dir" in report["artifacts"]:
@@ -137,12 +154,33 @@ def to_markdown(report: dict, plot_name: str | None) -> str:
 
 def _saved_size(artifacts: dict) -> tuple[str, str]:
     if "model_dir" in artifacts:
-        return "model size", f"{artifacts['model_bytes']:,} bytes"
-    return "adapter size", f"{artifacts['adapter_bytes']:,} bytes"
+        return "model size", _fmt_bytes(artifacts["model_bytes"])
+    return "adapter size", _fmt_bytes(artifacts["adapter_bytes"])
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _fmt_bytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,} bytes"
+
+
+def _left_out(data: dict) -> list[str]:
+    """Markdown for examples dropped as too long and bad rows skipped (data.on_long, data.on_error)."""
+    lines = []
+    for split in ("train", "eval"):
+        stats = data.get(split)
+        if not stats:
+            continue
+        if stats.get("dropped_long"):
+            lines += ["", f"{stats['dropped_long']} {split} examples longer than max_length were dropped."]
+        if stats.get("skipped"):
+            listed = stats["skipped_rows"]
+            more = f" (the first {len(listed)} listed)" if len(listed) < stats["skipped"] else ""
+            lines += ["", f"{stats['skipped']} bad {split} rows were skipped{more}:", ""]
+            lines += [f"- {entry}" for entry in listed]
+    return lines
 
 
 def model_card(report: dict) -> str:

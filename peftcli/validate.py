@@ -21,7 +21,7 @@ def check(recipe: Recipe) -> dict:
     resolved: dict = {"architecture": type(skeleton).__name__}
     steps = recipe.train.max_steps
     if _is_local(recipe.data.train):
-        rows = data.load_rows(recipe.data.train, field="data.train")
+        rows = data.load_rows(recipe.data.train, field="data.train", on_error=recipe.data.on_error)
         resolved["format"] = data.detect_format(rows.column_names, recipe.data.format,
                                                 where=f"data.train ({recipe.data.train})")
         resolved["train_rows"] = len(rows)

@@ -58,14 +58,13 @@ def test_the_launched_processes_do_not_relaunch():
     assert without_gpus_option(["train", "--gpus=4", "r.yaml"]) == ["train", "r.yaml"]
 
 
-def test_fsdp_wraps_decoder_layers_and_uses_its_own_checkpointing():
+def test_fsdp_wraps_decoder_layers():
     from peftcli.models import build_empty, load_config
 
     model = build_empty(load_config("builtin:tiny-llama"))
-    options = trainer_options(DistributedSection(strategy="fsdp", cpu_offload=True), model, True)
-    assert options["fsdp"] is True and options["activation_checkpointing"] is False
-    assert options["fsdp_config"] == {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "cpu_offload": True,
-                                      "activation_checkpointing": True}
+    options = trainer_options(DistributedSection(strategy="fsdp", cpu_offload=True), model)
+    assert options == {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                     "cpu_offload": True}}
 
 
 def test_deepspeed_without_the_package_is_refused(write_recipe, peft):

@@ -55,6 +55,7 @@ def test_set_creates_missing_sections():
     ("train.lrr=1", "unknown key 'lrr'; did you mean 'lr'?"),
     ("method.r", "--set takes KEY=VALUE"),
     ("name.x=1", "'name' is a value, not a section"),
+    ("train.eval_steps=5", "--set train.eval_steps=5: train.eval_steps: evaluating every N steps needs evaluation data"),
 ])
 def test_bad_overrides_name_the_override(write_recipe, override, fragment):
     with pytest.raises(UserError) as err:
@@ -84,6 +85,11 @@ def test_bad_overrides_name_the_override(write_recipe, override, fragment):
     ("model:\n  base: ./nowhere\n", ["model.base", "no model file or folder at './nowhere'"]),
     ("name: 'has space'\n", ["name", "should match pattern"]),
     ("output_dir: runs/${nope}\n", ["output_dir", "${nope} names no recipe value"]),
+    ("train:\n  lr: .inf\n", ["recipe.yaml:2", "train.lr", "finite number"]),
+    ("train:\n  on_nan: ignore\n", ["train.on_nan", "'stop' or 'skip_step'"]),
+    ("data:\n  on_long: cut\n", ["recipe.yaml:2", "data.on_long", "'truncate', 'drop' or 'error'"]),
+    ("data:\n  on_error: ignore\n", ["data.on_error", "'raise' or 'skip'"]),
+    ("train:\n  seed: 1\n  eval_steps: 5\n", ["recipe.yaml:3", "train.eval_steps", "needs evaluation data"]),
 ])
 def test_recipe_mistakes_name_file_line_and_field(write_recipe, text, fragments):
     with pytest.raises(UserError) as err:

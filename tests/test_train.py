@@ -57,8 +57,10 @@ def test_the_report_has_the_promised_fields(trained_run):
     trainable, total = plan.model.get_nb_trainable_parameters()
     assert on_disk["params"] == {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total}
     assert trainable == 2 * 4 * (64 + 192)  # A (4×64) and B (192×4) on c_attn, in 2 layers
+    assert (on_disk["status"], on_disk["stop_reason"]) == ("completed", None)
+    assert on_disk["checkpoint"] is None  # no save_steps: nothing to resume from, nothing kept
     training = on_disk["training"]
-    assert training["steps"] == 8
+    assert training["steps"] == 8 and training["skipped_steps"] == []
     assert [p["step"] for p in training["loss_history"]] == list(range(1, 9))
     assert training["tokens"] > 0 and training["tokens_per_s"] > 0
     assert on_disk["eval"]["loss"] < on_disk["eval"]["base_loss"]

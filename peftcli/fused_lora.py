@@ -1,0 +1,134 @@
+"""LoRA linear layers computed in one autograd function: out = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+
+peft's LoRA layer runs the low-rank path as separate modules: it casts the input to the
+adapter's dtype (float32), multiplies by A, by B, scales and adds, each step a pass over an
+activation-sized tensor in forward and again in backward, and autograd keeps a float32 copy
+of the input per projection. Here the low-rank product is added inside the base matmul's
+output (addmm in place), backward computes exactly the three products it needs, and only the
+input (shared by q, k and v) and the r-wide x·Aᵀ are kept. The adapter's float32 weights are
+used in the activations' dtype, as autocast does in peft's path.
+
+It replaces the forward of peft `lora.Linear` layers over `nn.Linear` (and bitsandbytes 4-bit
+`Linear4bit`, dequantized per use as bitsandbytes itself does) when the adapter is plain LoRA
+with dropout 0; any other call (adapter disabled or merged, several adapters, dropout, DoRA,
+mixed dtypes, extra arguments) goes through peft's own forward, so behaviour never changes.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ with W (and b) frozen; W comes from `base` at each use."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base, scaling):
+        flat = x.reshape(-1, x.shape[-1])
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        out = torch.nn.functional.linear(flat, dense_weight(base, x.dtype), bias)
+        low = flat @ lora_a.to(x.dtype).t()
+        out.addmm_(low, lora_b.to(x.dtype).t(), alpha=scaling)
+        ctx.save_for_backward(x, lora_a, lora_b, low)
+        ctx.base, ctx.scaling = base, scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_a, lora_b, low = ctx.saved_tensors
+        scaling = ctx.scaling
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
+        grad_low = grad @ lora_b.to(x.dtype)  # the gradient reaching x·Aᵀ, unscaled
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dense_weight(ctx.base, x.dtype)
+            grad_x.addmm_(grad_low, lora_a.to(x.dtype), alpha=scaling)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_a = (grad_low.t() @ x.reshape(-1, x.shape[-1])).mul_(scaling).to(lora_a.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = (grad.t() @ low).mul_(scaling).to(lora_b.dtype)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def dense_weight(base, dtype):
+    """The base layer's weight as a dense matrix in `dtype` (4-bit weights dequantized)."""
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return weight
+
+
+def fusable_base(base) -> bool:
+    """A frozen nn.Linear, or a bitsandbytes 4-bit Linear4bit, with a frozen bias if any."""
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    if type(base) is torch.nn.Linear:
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return type(base) is bnb.nn.Linear4bit
+
+
+def fused_forward(self, x, *args, **kwargs):
+    """The forward installed on a peft LoRA layer: fused when the call is plain LoRA, peft's otherwise."""
+    adapter = _plain_adapter(self, x, args, kwargs)
+    if adapter is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return LoraLinearFunction.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.base_layer,
+                                    self.scaling[adapter])
+
+
+def _plain_adapter(layer, x, args, kwargs) -> str | None:
+    """The one active adapter's name when this call can take the fused path, else None."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}):
+        return None
+    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity) or layer.lora_B[adapter].bias is not None:
+        return None
+    base = layer.base_layer
+    compute_dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+    if x.dtype != compute_dtype or not fusable_base(base):
+        return None
+    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        return None
+    return adapter
+
+
+def lora_layer_classes() -> tuple[type, ...]:
+    """peft's LoRA layers over a dense linear: nn.Linear, and bitsandbytes 4-bit when it is installed."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except ImportError:  # bitsandbytes missing: peft does not define its 4-bit layer
+        return (LoraLinear,)
+    return LoraLinear, LoraLinear4bit
+
+
+def install(model) -> int:
+    """Give every plain-LoRA peft layer of `model` the fused forward; returns how many took it."""
+    classes = lora_layer_classes()
+    installed = 0
+    for module in model.modules():
+        if type(module) not in classes or not fusable_base(module.base_layer):
+            continue
+        module.forward = types.MethodType(fused_forward, module)
+        installed += 1
+    return installed
+
+
+def uninstall(model) -> None:
+    """Back to peft's forward everywhere."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), types.MethodType) and module.forward.__func__ is fused_forward:
+            del module.forward

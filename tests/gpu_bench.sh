@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 12's measurements in one device call (about 9 minutes on an H100): the GPU tests of the speed
+# path, then `peft bench` next to the two baselines on the standard workload (../shared/bench/WORKLOAD.md).
+# From the project root on the device machine, with .gpu/ carried (../shared/gpu/GUIDE.md):
+#
+#     source .gpu/prelude.sh && bash tests/gpu_bench.sh
+#
+# Each benchmark appends one JSON line, tagged with its step name, to $OUT/bench.jsonl; every step's output
+# is in $OUT/logs/, its exit status and time in $OUT/steps.log. A step that fails or runs past its limit
+# is logged and the next one runs; steps that no longer fit in BENCH_BUDGET_S seconds are skipped.
+set -u
+OUT=${OUT:-/tmp/peftcli-gpu-bench}
+mkdir -p "$OUT/logs"
+DEADLINE=$(( $(date +%s) + ${BENCH_BUDGET_S:-510} ))
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2 left start rc line
+  shift 2
+  left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 30 )); then
+    echo "$name: skipped, ${left}s of the budget left" | tee -a "$OUT/steps.log"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$OUT/logs/$name.out" 2> "$OUT/logs/$name.err"
+  rc=$?
+  line=$(grep '^{' "$OUT/logs/$name.out" | tail -n 1)
+  if [ -n "$line" ]; then
+    python3 -c 'import json, sys; print(json.dumps({"step": sys.argv[2], **json.loads(sys.argv[1])}))' \
+      "$line" "$name" >> "$OUT/bench.jsonl"
+  fi
+  echo "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/steps.log"
+  if (( rc != 0 )); then tail -n 5 "$OUT/logs/$name.err" "$OUT/logs/$name.out"; echo; fi
+}
+
+OURS=(python3 -m peftcli bench --json)
+# The QLoRA steps load the 8B model from peftcli's cache, written once (~16 GB): in memory when there is room.
+shm_kib=$(df --output=avail -k /dev/shm 2> /dev/null | tail -n 1 | tr -d ' ')
+if [ -z "${PEFTCLI_CACHE:-}" ] && [ "${shm_kib:-0}" -gt 20000000 ] 2> /dev/null; then
+  export PEFTCLI_CACHE=/dev/shm/peftcli-cache
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# First, so that a broken kernel shows here; it also compiles liger's kernels once for every later step.
+step gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_speed.py
+step ours-1b-fast 75 "${OURS[@]}" --size 1b
+step naive-1b 70 python3 .gpu/naive_baseline.py --size 1b
+step trl-1b 90 python3 .gpu/trl_baseline.py --size 1b
+step ours-8b-fast 90 "${OURS[@]}" --size 8b
+step trl-8b 110 python3 .gpu/trl_baseline.py --size 8b
+step ours-8b-lean 90 "${OURS[@]}" --size 8b --set train.profile=lean
+step ours-8b-qlora-fast 150 "${OURS[@]}" --size 8b --qlora
+step ours-8b-qlora-lean 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean
+# The fast profile held to the issue's 24 GiB: as few checkpointed layers as fit.
+step ours-8b-fast-24gib 90 "${OURS[@]}" --size 8b --set train.max_memory_gib=24
+echo "results: $OUT/bench.jsonl"
+cat "$OUT/bench.jsonl" 2> /dev/null

@@ -1,0 +1,187 @@
+"""The speed path on a GPU: varlen attention, the fused LoRA layer (bf16 and 4-bit) and the whole fast
+path against the plain one on the standard workload. Run on the device machine:
+
+    source .gpu/prelude.sh && python3 -m pytest -m gpu -q tests/test_gpu_speed.py
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftcli import bench, fused_lora, methods, speed, varlen
+from peftcli.models import random_config
+from peftcli.packing import PackedCollator
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+class CausalModule(torch.nn.Module):
+    is_causal = True
+
+
+def worst_error(value, reference):
+    return (value.float() - reference.float()).abs().max().item()
+
+
+def per_sequence_sdpa(q, k, v, lengths):
+    """(1, heads, tokens, dim) layouts attended one sequence at a time; returns (tokens, heads, dim)."""
+    out, start = [], 0
+    for n in lengths:
+        piece = [t[:, :, start:start + n] for t in (q, k, v)]
+        out.append(F.scaled_dot_product_attention(*piece, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def check_varlen_matches_per_sequence_sdpa(device: str):
+    """Forward and backward of the packed call equal per-sequence sdpa within bf16 rounding: the error of each
+    against a float32 reference is at most twice sdpa's own bf16 error (plus a rounding step)."""
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [100, 300, 50, 7], 32, 8, 128
+    total = sum(lengths)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    leaves = [torch.randn(1, total, h, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(total, heads, dim, device=device, dtype=torch.bfloat16)
+
+    def run(kind):
+        q, k, v = (t.transpose(1, 2) for t in leaves)  # (1, h, tokens, dim) views, as the model hands them over
+        if kind == "varlen":
+            out = varlen.varlen_attention_forward(CausalModule(), q, k, v, None, scaling=dim ** -0.5,
+                                                  position_ids=positions)[0][0]
+        else:
+            if kind == "float32":
+                q, k, v = q.float(), k.float(), v.float()
+            out = per_sequence_sdpa(q, k, v, lengths)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        return [out, *grads]
+
+    reference, sdpa, packed = run("float32"), run("sdpa"), run("varlen")
+    for name, r, s, p in zip(["out", "dq", "dk", "dv"], reference, sdpa, packed):
+        bound = 2 * worst_error(s, r) + 2 ** -8 * r.abs().max().item()
+        assert worst_error(p, r) <= bound, f"{name}: varlen {worst_error(p, r):.4g} > {bound:.4g}"
+
+
+def check_varlen_unpads_a_padded_batch(device: str):
+    torch.manual_seed(1)
+    q = torch.randn(2, 32, 64, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 64, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 64, dtype=torch.bool, device=device)
+    mask[1, 40:] = False
+    out = varlen.varlen_attention_forward(CausalModule(), q, k, v, mask, scaling=128 ** -0.5)[0]
+    first = per_sequence_sdpa(q[:1], k[:1], v[:1], [64])
+    second = per_sequence_sdpa(q[1:, :, :40], k[1:, :, :40], v[1:, :, :40], [40])
+    assert worst_error(out[0], first) < 3e-2 and worst_error(out[1, :40], second) < 3e-2
+    assert out[1, 40:].abs().max().item() == 0
+
+
+def small_llama(device: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=bench.PROJECTIONS,
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+
+
+def loss_and_grads(model, ids, device: str):
+    model.zero_grad()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+
+
+def check_fused_lora_matches_peft(model, device: str):
+    """bf16 under autocast, as the Trainer runs it: same loss, gradients equal within bf16 rounding."""
+    ids = torch.randint(0, 1000, (2, 64), device=device)
+    expected_loss, expected = loss_and_grads(model, ids, device)
+    assert fused_lora.install(model) == 14
+    loss, grads = loss_and_grads(model, ids, device)
+    fused_lora.uninstall(model)
+    assert loss == pytest.approx(expected_loss, rel=1e-2)
+    for e, g in zip(expected, grads):
+        assert worst_error(g, e) <= 0.05 * e.abs().max().item() + 1e-6
+
+
+def check_fast_path_learns_like_the_plain_path(device: str, size: str, steps: int = 3):
+    """The standard workload's model, adapter and rows: the default fast path (packing, varlen attention, liger,
+    fused LoRA) and the plain one (padded batches, sdpa, peft's layers) train on the same groups of 4 rows;
+    their losses agree within 1% at every step. The plain path runs first: liger patches RoPE globally."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    recipe = bench.standard_recipe(size, qlora=False, steps=steps)
+    rows = bench.standard_rows(random_config(bench.SIZES[size]).vocab_size)[:4 * steps]
+    examples = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows]
+    groups = [list(range(i, i + 4)) for i in range(0, len(rows), 4)]
+    pad = DataCollatorForSeq2Seq(bench._placeholder_tokenizer(), padding=True, label_pad_token_id=-100)
+    losses = {}
+    for path in ("plain", "fast"):
+        model, _ = bench._standard_model(bench.Workload("standard", recipe, size=size), device)
+        set_seed(recipe.train.seed)
+        model = methods.attach(model, recipe.method)
+        collate = pad
+        if path == "fast":
+            plan = speed.plan(recipe, model, Dataset.from_list(examples), device)
+            assert plan.packing and plan.liger and plan.attention == varlen.NAME and plan.fused_lora
+            _, collate = speed.prepare(plan, model, examples, pad)
+            assert plan.fused_layers == 7 * model.config.num_hidden_layers
+            batches = [collate([{"pack": g}]) for g in groups]
+        else:
+            model.get_base_model().config.use_cache = False
+            batches = [collate([examples[i] for i in g]) for g in groups]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.train.lr)
+        model.train()
+        losses[path] = []
+        for batch in batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[path].append(loss.item())
+        del model, optimizer
+        torch.cuda.empty_cache()
+    assert all(math.isfinite(x) for x in losses["fast"])
+    for plain, fast in zip(losses["plain"], losses["fast"]):
+        assert fast == pytest.approx(plain, rel=0.01), losses
+
+
+def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
+    check_varlen_matches_per_sequence_sdpa("cuda")
+
+
+def test_varlen_attention_unpads_padded_batches():
+    check_varlen_unpads_a_padded_batch("cuda")
+
+
+def test_fused_lora_matches_peft_in_bf16():
+    check_fused_lora_matches_peft(lora(small_llama("cuda", torch.bfloat16)), "cuda")
+
+
+def test_fused_lora_matches_peft_on_a_4bit_base(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    small_llama("cuda", torch.bfloat16).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=quantization,
+                                                 device_map={"": 0})
+    check_fused_lora_matches_peft(lora(model), "cuda")
+
+
+def test_the_fast_path_loss_equals_the_plain_path_on_the_standard_workload():
+    check_fast_path_learns_like_the_plain_path("cuda", "1b")
