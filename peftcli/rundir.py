@@ -148,7 +148,8 @@ def check_resumable(run: RunDir, recipe) -> None:
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read the run's recipe to check that the checkpoint fits: {err}",
                         where=str(run.recipe), hint="start afresh with --overwrite") from err
-    before, now = _flatten(saved if isinstance(saved, dict) else {}), _flatten(recipe.model_dump(mode="json"))
+    # Compared as written to recipe.yaml (a mixed method is written as its list of methods).
+    before, now = _flatten(saved if isinstance(saved, dict) else {}), _flatten(yaml.safe_load(recipe.to_yaml()))
     changed = [key for key in sorted(before.keys() | now.keys())
                if key not in RESUMABLE_CHANGES and before.get(key) != now.get(key)]
     if changed:

@@ -139,3 +139,22 @@ def test_count_params_covers_full_fine_tuning(write_recipe):
     assert setup.trainable == 2 * mlp and setup.gradients == 2 * mlp  # bf16 on a GPU
     assert setup.weights == 2 * (accounting.counts.total - mlp)  # the frozen rest
     assert setup.optimizer == 2 * 2 * mlp  # AdamW's two states per trained parameter
+
+
+def test_a_full_run_resumes_from_its_checkpoint_to_the_same_model(peft, write_recipe, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(train={"max_steps": 4, "save_steps": 2, "lr": 1e-3})
+    recipe["method"] = {"name": "full", "trainable_modules": ["h.1"]}
+    path = write_recipe(recipe)
+    assert peft("train", path, "-o", tmp_path / "once").code == 0
+    assert peft("train", path, "-o", tmp_path / "twice").code == 0
+    shutil.rmtree(tmp_path / "twice" / "model")
+    shutil.rmtree(tmp_path / "twice" / "checkpoints" / "checkpoint-4")
+    resumed = peft("train", path, "-o", tmp_path / "twice", "--resume")
+    assert resumed.code == 0, resumed
+    once = load_file(tmp_path / "once" / "model" / "model.safetensors")
+    twice = load_file(tmp_path / "twice" / "model" / "model.safetensors")
+    assert all(torch.allclose(once[k], twice[k], atol=1e-6) for k in once)

@@ -21,8 +21,8 @@ MIXED = [{"name": "lora", "r": 4, "target_modules": "attention"},
 
 
 def mixed_recipe(method=MIXED, **sections):
-    recipe = tiny_recipe(model={"base": "builtin:tiny-llama"}, data={"eval_fraction": 0.25},
-                         train={"max_steps": 8, "lr": 1e-2}, **sections)
+    recipe = tiny_recipe(**{"model": {"base": "builtin:tiny-llama"}, "data": {"eval_fraction": 0.25},
+                            "train": {"max_steps": 8, "lr": 1e-2}, **sections})
     recipe["method"] = method
     return recipe
 
@@ -153,3 +153,25 @@ def test_validate_and_count_params_show_each_part(peft, write_recipe):
     plan = build_plan(load_recipe(path))
     assert (found["params"]["trainable"], found["params"]["total"]) == plan.model.get_nb_trainable_parameters()
     assert found["memory"]["selected"] == "adapter"
+
+
+def test_a_mixed_run_resumes_from_its_checkpoint_to_the_same_adapter(peft, write_recipe, tmp_path):
+    """The Trainer checkpoints a mixed model whole (peft cannot save it); resuming restores every part."""
+    from safetensors.torch import load_file
+
+    recipe = mixed_recipe(MIXED[:2], train={"max_steps": 4, "save_steps": 2, "lr": 1e-2})
+    recipe["data"].pop("eval_fraction")
+    path = write_recipe(recipe)
+    assert peft("train", path, "-o", tmp_path / "once").code == 0
+    first = peft("train", path, "-o", tmp_path / "twice")
+    assert first.code == 0, first
+    for leftover in ("adapter", "checkpoints/checkpoint-4", "report.json"):  # as if stopped after step 2
+        target = tmp_path / "twice" / leftover
+        __import__("shutil").rmtree(target) if target.is_dir() else target.unlink()
+    resumed = peft("train", path, "-o", tmp_path / "twice", "--resume")
+    assert resumed.code == 0, resumed
+    for part in ("1-lora", "2-loha"):
+        once = load_file(tmp_path / "once" / "adapter" / part / "adapter_model.safetensors")
+        twice = load_file(tmp_path / "twice" / "adapter" / part / "adapter_model.safetensors")
+        assert once.keys() == twice.keys()
+        assert all(torch.allclose(once[k], twice[k], atol=1e-6) for k in once), part
