@@ -608,8 +608,15 @@ def apply_override(raw: dict, override: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if isinstance(node, list):  # a list of sections (several methods): the part is a position
+            if not (part.isdigit() and int(part) < len(node)):
+                raise UserError(f"'{'.'.join(parts[:i])}' is a list of {len(node)}; name a position from 0 to "
+                                f"{len(node) - 1}", where=f"--set {override}")
+            child = node[int(part)]
+        else:
+            child = node.setdefault(part, {})
+        sections = isinstance(child, list) and i + 2 < len(parts)  # a position follows, then a key
+        if not isinstance(child, dict) and not sections:
             raise UserError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section", where=f"--set {override}")
         node = child
     node[parts[-1]] = parsed

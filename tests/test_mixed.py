@@ -175,3 +175,15 @@ def test_a_mixed_run_resumes_from_its_checkpoint_to_the_same_adapter(peft, write
         twice = load_file(tmp_path / "twice" / "adapter" / part / "adapter_model.safetensors")
         assert once.keys() == twice.keys()
         assert all(torch.allclose(once[k], twice[k], atol=1e-6) for k in once), part
+
+
+def test_set_overrides_one_part_by_its_position(write_recipe):
+    from peftcli.errors import UserError
+
+    path = write_recipe(mixed_recipe())
+    recipe = load_recipe(path, ["method.1.r=2", "method.0.target_modules=[q_proj]"])
+    assert recipe.method.components[1].r == 2 and recipe.method.components[0].target_modules == ["q_proj"]
+    with pytest.raises(UserError, match="'method' is a list of 3; name a position from 0 to 2"):
+        load_recipe(path, ["method.5.r=2"])
+    with pytest.raises(UserError, match="'method.0.target_modules' is a value, not a section"):
+        load_recipe(path, ["method.0.target_modules.0=q_proj"])
