@@ -43,4 +43,5 @@ step gpu-8b 150 python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider \
 step bench 75 python3 -m peftcli bench --json --size 1b
 step bench 90 python3 .gpu/trl_baseline.py --size 1b
 step bench 70 python3 .gpu/naive_baseline.py --size 1b
+step gpu-many 150 python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider "$T/test_gpu_many.py"
 cat "$OUT/steps.log"
