@@ -35,7 +35,7 @@ def train(root: Path, base: str, method: dict, *, steps: int, rows=ROWS, batch_s
     """One run through the real pipeline; returns (plan, report, run directory)."""
     data = write_jsonl(root / "rows.jsonl", [{"text": row} for row in rows])
     recipe = validate_recipe({
-        "model": {"base": base, "load_in_4bit": load_in_4bit}, "method": method, "data": {"train": str(data), "format": "text", "max_length": max_length},
+        "model": {"base": base, **({"load_in_4bit": True} if load_in_4bit else {})}, "method": method, "data": {"train": str(data), "format": "text", "max_length": max_length},
         "train": {"max_steps": steps, "batch_size": batch_size, "logging_steps": 1, "warmup_ratio": 0, **settings},
         "output_dir": str(root / "run")}, base_dir=root)
     plan = build_plan(recipe)
