@@ -255,10 +255,12 @@ def check_fits(model, source: AdapterSource) -> None:
     if source.trained_on is None or source.trained_on == source.base:
         return
     try:
-        trained = shape_of(models.load_config(source.trained_on, source.trust_remote_code))
+        trained = base_shape(models.load_config(source.trained_on, source.trust_remote_code))
     except UserError:
         return
-    loaded = shape_of(getattr(model, "get_base_model", lambda: model)().config)
+    from peftcli.methods import base_model
+
+    loaded = base_shape(base_model(model).config)
     differ = [key for key in trained if trained[key] != loaded[key]]
     if differ:
         raise UserError(f"the adapter was trained on {source.trained_on} ({describe_shape(trained)}), and the base "
@@ -268,7 +270,7 @@ def check_fits(model, source: AdapterSource) -> None:
                         hint=f"load it on {source.trained_on} or a model of the same shape")
 
 
-def shape_of(config) -> dict:
+def base_shape(config) -> dict:
     """What an adapter's weights depend on in a base model's config."""
     return {"architecture": config.model_type, "hidden_size": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None), "vocabulary": getattr(config, "vocab_size", None)}

@@ -2,7 +2,6 @@
 the first adapter, cat (1, 1) is both at once; what cannot be combined is refused with the reason."""
 
 import json
-import shutil
 
 import pytest
 import torch
