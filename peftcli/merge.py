@@ -232,8 +232,10 @@ def _dequantized_base(source: AdapterSource, dtype, device: str):
     """The base as training saw it (4-bit), its weights dequantized into `dtype`. Loaded afresh: on
     the CPU, bitsandbytes repacks 4-bit weights at their first forward pass, which dequantizing
     does not undo."""
-    base = adapters.load_base(source, dtype=_compute_dtype(device), device=device, four_bit=True)
-    return base.dequantize(dtype=dtype).to(dtype)  # .to: the layers that were never quantized, too
+    base = adapters.load_base(source, dtype=_compute_dtype(device), device=device, four_bit=True).dequantize(dtype=dtype)
+    for param in base.parameters():  # the layers that were never quantized, too; not the buffers: RoPE's
+        param.data = param.data.to(dtype)  # inv_freq stays fp32, as it is in the model folder reloaded later
+    return base
 
 
 def _merge_dtype(option: str, source: AdapterSource, device: str):

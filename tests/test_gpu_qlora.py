@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from conftest import write_jsonl
-from peftcli import methods, models
+from peftcli import methods, models, speed
 from peftcli.recipe import validate_recipe
 from peftcli.rundir import RunDir
 from peftcli.train import build_plan, run_training
@@ -100,10 +100,11 @@ def test_the_qlora_adapter_reloads_onto_a_4bit_base_with_the_same_logits(qlora_r
     ids = torch.tensor([plan.train_data[0]["input_ids"]], device="cuda")
     recipe = plan.recipe
     base = models.load_model(recipe.model.base, dtype=plan.dtype, **methods.loading_options(recipe, plan.dtype))
-    # Compare like with like: training kept norms and embeddings in fp32 (QLoRA's preparation), and the
-    # Trainer's mixed precision may have left an autocast on the trained model's forward.
+    # Compare like with like: training kept norms and embeddings in fp32 (QLoRA's preparation), ran the
+    # speed plan's kernels, and the Trainer's mixed precision may have left an autocast on the forward.
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = methods.load_adapter(base, run.adapter).eval()
+    speed.prepare(plan.speed, reloaded, plan.train_data, None)  # the kernels training ran: fused LoRA, liger, varlen
     plan.model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=plan.dtype):
         trained = plan.model(input_ids=ids).logits.float()
