@@ -129,7 +129,8 @@ def combine_table(record: dict, where: str) -> Table:
 
 def params_tables(accounting) -> list[Table]:
     """peft count-params: the counts, the table of module kinds, and the memory estimate."""
-    return [_counts_table(accounting), _modules_table(accounting.counts), _memory_table(accounting.memory)]
+    return [_counts_table(accounting), _modules_table(accounting.counts), _speed_table(accounting.memory),
+            _memory_table(accounting.memory)]
 
 
 def _counts_table(accounting) -> Table:
@@ -175,6 +176,23 @@ def _each(value: int | None, total: int, modules: int) -> str:
     return f"{value:,}" if value is not None else f"{total / modules:,.0f} (mean)"
 
 
+def _speed_table(memory) -> Table:
+    """The speed settings the estimate assumes: peft train's, resolved as on a CUDA GPU."""
+    path, step = memory.path, memory.step
+    tokens = f"{step.tokens:,} tokens per step"
+    rows = {"profile": path.profile,
+            "packing": f"on: {tokens} in one row (the token budget)" if path.packing else f"off: {tokens}, "
+                       f"{step.rows} rows of {step.length:,}",
+            "attention": path.attention, "liger kernels": _on(path.liger_kernels), "fused LoRA": _on(path.fused_lora),
+            "gradient checkpointing": f"{memory.checkpointed} of {memory.layers} layers",
+            "activation offload": _on(path.offload_activations)}
+    return key_values("Speed settings assumed (peft train's, resolved as on a CUDA GPU)", rows)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 MEMORY_ROWS = [("weights (frozen)", "weights"), ("trainable parameters", "trainable"), ("gradients", "gradients"),
                ("optimizer states", "optimizer"), ("activations", "activations"),
                ("activations, checkpointed", "activations_checkpointed"), ("logits and loss", "logits"),
@@ -189,18 +207,21 @@ def _memory_table(memory) -> Table:
     for name, setup in memory.setups.items():
         mark = " ◀" if name == memory.selected else ""
         table.add_column(setup.label + mark, justify="right")
-    setups = list(memory.setups.values())
+    setups = [s.as_dict(memory.checkpointed) for s in memory.setups.values()]
     for label, key in MEMORY_ROWS:
-        table.add_row(label, *(_bytes(getattr(s, key)) for s in setups))
-    table.add_row("[bold]total[/]", *(f"[bold]{_bytes(s.total(False))}[/]" for s in setups))
-    table.add_row("[bold]total, checkpointed[/]", *(f"[bold]{_bytes(s.total(True))}[/]" for s in setups))
+        table.add_row(label, *(_bytes(s[key]) for s in setups))
+    totals = [("total", "total"), ("total, checkpointed", "total_checkpointed")]
+    if 0 < memory.checkpointed < memory.layers:
+        totals.append((f"total, {memory.checkpointed} of {memory.layers} layers checkpointed", "total_planned"))
+    for label, key in totals:
+        table.add_row(f"[bold]{label}[/]", *(f"[bold]{_bytes(s[key])}[/]" for s in setups))
     trained = "adapter" if "adapter" in memory.setups else memory.selected  # method full has one setup
-    variants = memory.setups[trained].optimizer_variants
-    table.caption = ("◀ what the recipe runs (gradient checkpointing "
-                     f"{'on' if memory.gradient_checkpointing else 'off'}). {trained.capitalize()} optimizer states: "
+    variants = memory.setups[trained].as_dict(memory.checkpointed)["optimizer_variants"]
+    table.caption = (f"◀ what the recipe runs: {_bytes(memory.bytes)} with {memory.checkpointed} of {memory.layers} "
+                     f"layers checkpointed. {trained.capitalize()} optimizer states: "
                      + ", ".join(f"{k} {_bytes(v)}" for k, v in variants.items())
                      + " (paged ones live in CUDA managed memory, outside torch's allocator). "
-                     "Not counted: the CUDA context (~0.5 GiB). " + " ".join(memory.notes))
+                     "Not counted: the CUDA context (~0.5 GiB)." + "".join(f" {note}." for note in memory.notes))
     table.caption_justify = "left"
     return table
 

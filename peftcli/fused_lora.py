@@ -88,18 +88,30 @@ def fused_forward(self, x, *args, **kwargs):
 
 def _plain_adapter(layer, x, args, kwargs) -> str | None:
     """The one active adapter's name when this call can take the fused path, else None."""
-    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+    if args or kwargs or layer.disable_adapters or layer.merged:
         return None
-    adapter = layer.active_adapters[0]
-    if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}):
-        return None
-    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity) or layer.lora_B[adapter].bias is not None:
+    adapter = plain_lora(layer)
+    if adapter is None:
         return None
     base = layer.base_layer
     compute_dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
     if x.dtype != compute_dtype or not fusable_base(base):
         return None
     if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        return None
+    return adapter
+
+
+def plain_lora(layer) -> str | None:
+    """The adapter of a layer whose every call in training can be fused, as far as the layer itself
+    decides (the call's input dtype decides the rest): one active plain-LoRA adapter, without
+    dropout, DoRA or a bias on B."""
+    if len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}):
+        return None
+    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity) or layer.lora_B[adapter].bias is not None:
         return None
     return adapter
 

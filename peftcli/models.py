@@ -69,7 +69,7 @@ def load_config(base: str, trust_remote_code: bool = False):
                                           trust_remote_code=trust_remote_code)
 
 
-def build_empty(config, dtype=None):
+def build_empty(config, dtype=None, trust_remote_code: bool = False):
     """The model's module tree on the meta device: shapes and names, no memory, no weights."""
     import copy
 
@@ -77,7 +77,7 @@ def build_empty(config, dtype=None):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # a copy: from_config writes the dtype into the config it is given
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def resolve_dtype(name: str, device: str):

@@ -9,20 +9,23 @@ byte and peft multiplies each packed `Params4bit` by 2 × its storage size, whic
 the unquantized count (rounded up to a whole storage element). The layers counted that way
 are the ones transformers would quantize (every linear layer but the output head).
 
-The memory estimate models one step of `peft train` on a CUDA GPU: the HF Trainer under
-bf16 autocast, sdpa (flash) attention, every row at full length (no padding), AdamW states
-created, and counts what `torch.cuda.max_memory_allocated()` sees. Its parts:
+The memory estimate models one step of `peft train` on a CUDA GPU: the HF Trainer under bf16
+autocast, AdamW states created, through the speed settings the run resolves (SpeedPath: packing,
+varlen or sdpa attention, liger kernels, fused LoRA, checkpointed layers, activation offload;
+speed.plan resolves them for a run, speed.estimate_on_a_gpu for count-params, and speed chooses
+how many layers to checkpoint with this estimate), and counts what `torch.cuda.max_memory_allocated()`
+sees. Its parts:
 - weights: bf16 (2 bytes/param), or NF4 with double quantization: 4 bits per weight, one
   8-bit absmax per block of 64 weights and one fp32 absmax per 256 blocks; the layers
   transformers does not quantize stay in fp32, as peft's prepare_model_for_kbit_training
   leaves them (QLoRA);
 - trainable parameters, their gradients and the optimizer's states, in the parameters'
   dtype (peft keeps adapters in fp32) or as the 8-bit / paged optimizers keep them;
-- activations saved for backward, per decoder layer, from the shapes of the layer's
-  tensors (layer_bytes below), with or without gradient checkpointing;
-- logits and loss: transformers upcasts the logits to fp32 for the loss; at the start of
-  backward the fp32 log-softmax, its gradient and the gradient of the loss are alive at
-  once, 12 bytes per vocabulary entry per token (1.4 GiB per 1,000 tokens at 128k vocab);
+- activations saved for backward, per decoder layer, from the shapes of the layer's tensors
+  (layer_bytes, AdaptedLayer), for the step's tokens (a packed step: its token budget; padded
+  rows: rows × the longest), none for an offloaded checkpointed layer's input;
+- the output head and the loss: transformers' fp32 logits and their gradients, or liger's fused
+  linear + cross-entropy, which holds one chunk of logits at a time (loss_bytes);
 - framework overhead: inputs, cuBLAS workspaces and small buffers. The CUDA context (~0.5 GiB)
   is outside torch's allocator: max_memory_allocated does not count it, nor does the estimate.
 """
@@ -44,6 +47,7 @@ BNB_8BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: elements per fp32 absmax
 BNB_8BIT_MIN_SIZE = 4096  # smaller tensors keep fp32 states in the 8-bit optimizers
 LOSS_BYTES_PER_LOGIT = 12  # fp32 log-softmax + its gradient + the loss gradient, alive together
 FRAMEWORK_OVERHEAD = 64 * 2**20  # inputs, cuBLAS workspaces, small buffers: 0-50 MiB measured on an H100
+BACKWARD_BYTES_PER_INTERMEDIATE = 4  # one layer's backward: about two bf16 gradients of the MLP's width per token
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")  # states in CUDA managed memory, off torch's books
 
@@ -78,10 +82,13 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
 
     m = recipe.model
     config = models.load_config(m.base, m.trust_remote_code)
-    base = models.build_empty(config, dtype=training_dtype(recipe))
+    base = models.build_empty(config, dtype=training_dtype(recipe), trust_remote_code=m.trust_remote_code)
     quantizable = {id(module.weight) for module in quantizable_layers(base)}
+    method = recipe.method
+    if getattr(method, "init", None) in ("pissa", "olora", "loftq"):  # initial values computed from the
+        method = method.model_copy(update={"init": "default"})  # weights: none here, and no shape changes
     with torch.device("meta"):  # peft creates the adapter where the default device says: here, nowhere
-        model = methods.attach(base, recipe.method)
+        model = methods.attach(base, method)
     return Skeleton(config, model, quantizable)
 
 
@@ -266,6 +273,32 @@ def safetensors_size(tensors: dict) -> int:
 
 
 @dataclass(frozen=True)
+class SpeedPath:
+    """The speed settings of `peft train` that change its memory, as speed.plan resolves them: for the
+    run on this machine (peft train), or as a CUDA GPU would (peft count-params)."""
+
+    profile: str = "fast"
+    packing: bool = False
+    attention: str = "sdpa"  # varlen or sdpa (eager and flex_attention are modelled as sdpa)
+    liger_kernels: bool = False  # liger's RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy
+    fused_lora: bool = False
+    offload_activations: bool = False  # the checkpointed layers' inputs in CPU memory
+
+
+@dataclass(frozen=True)
+class Step:
+    """The tokens of one training step: `rows` rows of `length` tokens (a packed step is one row)."""
+
+    rows: int
+    length: int
+    masked: bool = False  # sdpa gets an attention mask: padded rows, or packed rows without varlen
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+@dataclass(frozen=True)
 class Shape:
     """What the activation model needs from a config."""
 
@@ -298,35 +331,48 @@ def shape_of(config) -> Shape | None:
 
 
 # Bytes saved for backward per token and decoder layer, by setup. Measured against the tensors
-# autograd holds on a GPU (tests/test_gpu_memory.py); the terms, for a Llama layer:
-#   norms:   RMSNorm computes in fp32 and keeps its fp32 input: 4h each (+ the bf16 normalized
-#            input for the weight's gradient when the norm trains);
-#   attention: sdpa keeps q, k, v and its output in bf16 and the fp32 log-sum-exp per head;
-#   MLP:     act(gate) · up keeps gate, act(gate) and up (fp32 when a 4-bit layer returns its
-#            fp32 input's dtype, as after prepare_model_for_kbit_training);
+# autograd holds (tests/test_params.py on the CPU, tests/test_gpu_memory.py on a GPU); the terms,
+# for a Llama layer:
+#   residual stream: bf16, or fp32 on a 4-bit base (prepare_model_for_kbit_training upcasts the
+#            embeddings, and 4-bit layers return their input's dtype);
+#   norms:   transformers' RMSNorm keeps an fp32 copy of its input and the fp32 1/rms per token (+ the
+#            bf16 normalized input for the weight's gradient when the norm trains); liger's keeps its
+#            input as it is and the fp32 1/rms;
+#   attention: flash (sdpa without a mask, or varlen) keeps q, k, v and its output in bf16 and the
+#            fp32 log-sum-exp per head; given a mask (padded rows, or packed rows without varlen),
+#            transformers repeats k and v to every head and sdpa keeps a bf16 copy of the mask per layer;
+#   MLP:     act(gate) · up keeps gate, act(gate) and up in the residual's dtype; liger's SwiGLU keeps
+#            gate and up only;
 #   frozen linear layers keep nothing (a frozen weight needs no input for its gradient);
-#   trained linear layers keep their inputs (full fine-tuning);
-#   LoRA keeps the bf16 copy of its input made by autocast for A, A's r-wide output for B,
-#   and dropout's 1-byte mask when dropout > 0.
-def layer_bytes(shape: Shape, setup: str) -> int:
-    """Bytes per token one decoder layer keeps for backward, adapters aside."""
+#   trained linear layers keep their inputs (full fine-tuning).
+# The adapters' own terms are in AdaptedLayer.
+def layer_bytes(shape: Shape, setup: str, *, liger: bool = False, mask_length: int = 0) -> int:
+    """Bytes per token one decoder layer keeps for backward, adapters aside; `mask_length`: the row
+    length when attention gets a mask."""
     if shape.family == "gpt2":
-        return _gpt2_layer_bytes(shape, setup)
+        return _gpt2_layer_bytes(shape, setup, mask_length)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norms = 2 * (4 * h + 4)  # fp32 input and fp32 1/rms per token
-    attention = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * shape.heads  # q, k, v, output, log-sum-exp
-    mlp = 3 * i * (4 if setup == "adapter_4bit" else 2)
-    if setup == "full":  # the norms' normalized inputs; the inputs of q/k/v, gate/up and down
-        return norms + 2 * 2 * h + attention + mlp + 2 * h + 2 * h + 2 * i
+    residual = residual_bytes(setup)
+    norms = 2 * (residual * h + 4 if liger else 4 * h + 4)
+    keys = q if mask_length else kv  # k and v, repeated to every head under a mask
+    attention = 2 * q + 2 * keys + 2 * keys + 2 * q + 4 * shape.heads + 2 * mask_length
+    mlp = (2 if liger else 3) * i * residual
+    if setup == "full":  # the inputs of q/k/v, gate/up and down; transformers' norms their normalized inputs
+        return norms + (0 if liger else 2 * 2 * h) + attention + mlp + 2 * h + 2 * h + 2 * i
     return norms + attention + mlp
 
 
-def _gpt2_layer_bytes(shape: Shape, setup: str) -> int:
+def residual_bytes(setup: str) -> int:
+    """Bytes per element of the residual stream: fp32 on a 4-bit base prepared for training."""
+    return 4 if setup == "adapter_4bit" else 2
+
+
+def _gpt2_layer_bytes(shape: Shape, setup: str, mask_length: int) -> int:
     """GPT-2: LayerNorm runs in fp32 under autocast; sdpa keeps q as a view of the bf16 qkv
     tensor and contiguous copies of k and v. A 4-bit base is modelled like a bf16 one."""
     h, i = shape.hidden, shape.intermediate
     norms = 2 * (4 * h + 8)
-    attention = 2 * 3 * h + 2 * h + 2 * h + 2 * h + 4 * shape.heads  # qkv, k, v, output, log-sum-exp
+    attention = 2 * 3 * h + 2 * h + 2 * h + 2 * h + 4 * shape.heads + 2 * mask_length  # qkv, k, v, output, lse, mask
     gelu = (4 + 4 + 2 + 4) * i if shape.gelu_new else 2 * i  # pow's fp32 input, tanh, x/2, 1+tanh
     dropout = 2 * h if shape.residual_dropout else 0
     saved = norms + attention + gelu + dropout
@@ -335,32 +381,86 @@ def _gpt2_layer_bytes(shape: Shape, setup: str) -> int:
     return saved
 
 
-def head_bytes(shape: Shape, setup: str) -> int:
-    """Bytes per token kept after the last layer: the final norm's fp32 input (and, when the
-    head trains, the norm's and the head's bf16 inputs)."""
+def head_bytes(shape: Shape, setup: str, *, liger: bool = False) -> int:
+    """Bytes per token kept after the last layer: the final norm's (and, when the head trains without
+    liger, the norm's and the head's bf16 inputs). liger's loss keeps no input (see loss_bytes)."""
+    if liger:
+        return residual_bytes(setup) * shape.hidden + 4
     kept = 4 * shape.hidden + (8 if shape.family == "gpt2" else 4)
     return kept + (4 * shape.hidden if setup == "full" else 0)
 
 
 def checkpoint_bytes(shape: Shape, setup: str) -> int:
-    """Bytes per token gradient checkpointing keeps per layer: the layer's input, the residual
-    stream, which is fp32 when prepare_model_for_kbit_training upcast the embeddings."""
-    return shape.hidden * (4 if setup == "adapter_4bit" else 2)
+    """Bytes per token gradient checkpointing keeps per layer: the layer's input, the residual stream."""
+    return shape.hidden * residual_bytes(setup)
+
+
+def loss_bytes(shape: Shape, setup: str, tokens: int, *, liger: bool = False) -> int:
+    """Bytes the output head and the loss hold at their peak, at the end of the forward.
+
+    transformers upcasts the logits to fp32; at the start of backward the fp32 log-softmax, its
+    gradient and the gradient of the loss are alive at once: 12 bytes per vocabulary entry per token.
+    liger's fused linear + cross-entropy never holds the logits: it computes the gradient of its
+    input during the forward and keeps it for backward (in the input's dtype), with the fp32 loss per
+    token and one chunk of bf16 logits at a time (liger_chunk_rows). Modelled from liger-kernel
+    0.8.5's source (ops/fused_linear_cross_entropy.py): liger does not run on a CPU, so unlike the
+    rest this term awaits a GPU check.
+
+    On a 4-bit base the head is fp32 and autocast casts it to bf16 for its matmul: transformers keeps
+    that copy for backward, liger makes one per chunk. A trained head (full fine-tuning) gets its
+    gradient during liger's forward."""
+    head_copy = 2 * shape.vocab * shape.hidden if setup == "adapter_4bit" else 0
+    if not liger:
+        return LOSS_BYTES_PER_LOGIT * shape.vocab * tokens + head_copy
+    input_gradient = residual_bytes(setup) * shape.hidden * tokens
+    head_gradient = 2 * shape.vocab * shape.hidden if setup == "full" else 0
+    chunk = 2 * liger_chunk_rows(tokens, shape) * shape.vocab
+    return input_gradient + 4 * tokens + chunk + head_copy + head_gradient
+
+
+def liger_chunk_rows(tokens: int, shape: Shape) -> int:
+    """Tokens whose logits liger's fused linear + cross-entropy computes at once (liger-kernel 0.8.5):
+    the next power of 2 of tokens / ceil(vocab / hidden), at most all of them."""
+    rows = math.ceil(tokens / math.ceil(shape.vocab / shape.hidden))
+    return min(1 << (rows - 1).bit_length(), tokens)
+
+
+# What the fused LoRA function keeps as each projection's input (fused_lora.LoraLinearFunction saves
+# its input tensor and the r-wide x·Aᵀ): q, k and v read one tensor, so do gate and up; o_proj reads
+# the attention's output, which attention keeps anyway.
+FUSED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                "o_proj": "attention output", "gate_proj": "MLP input", "up_proj": "MLP input",
+                "down_proj": "MLP product"}
+KEPT_BY_ATTENTION = "attention output"
 
 
 @dataclass(frozen=True)
 class AdaptedLayer:
     """A layer peft wraps, as the activation model sees it."""
 
+    name: str  # the module's path
     in_features: int
+    out_features: int
     rank: int | None  # LoRA's r; None for other methods (modelled as keeping their input)
     dropout: bool
     in_block: bool  # inside a repeated decoder layer (recomputed under checkpointing)
+    fusable: bool  # plain LoRA on a dense linear: the fused LoRA function computes it (train.fused_lora)
 
     def bytes_per_token(self) -> int:
+        """Through peft's forward: LoRA keeps the bf16 copy of its input made by autocast for A,
+        A's r-wide output for B, and dropout's 1-byte mask when dropout > 0."""
         if self.rank is None:
             return 2 * self.in_features
         return 2 * self.in_features + (self.in_features if self.dropout else 0) + 2 * self.rank
+
+    def fused_input(self) -> tuple[str, str]:
+        """The tensor the fused function keeps as this layer's input: (parent module, what it is)."""
+        parent, leaf = self.name.rsplit(".", 1)
+        return parent, FUSED_INPUTS.get(leaf, leaf)
+
+    @property
+    def adapter_params(self) -> int:
+        return (self.rank or 0) * (self.in_features + self.out_features)
 
 
 def adapted_layers(model) -> list[AdaptedLayer]:
@@ -369,7 +469,10 @@ def adapted_layers(model) -> list[AdaptedLayer]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
+    from peftcli import fused_lora
+
     found = []
+    lora_classes = fused_lora.lora_layer_classes()
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer) or not isinstance(module.get_base_layer(), (torch.nn.Linear, Conv1D)):
             continue
@@ -377,9 +480,76 @@ def adapted_layers(model) -> list[AdaptedLayer]:
         rank = getattr(module, "r", {}).get(adapter)
         dropouts = getattr(module, "lora_dropout", {})
         dropout = dropouts[adapter] if adapter in dropouts else None
-        found.append(AdaptedLayer(module.in_features, rank, isinstance(dropout, torch.nn.Dropout),
-                                  re.search(r"\.\d+\.", name) is not None))
+        fusable = (type(module) in lora_classes and fused_lora.fusable_base(module.get_base_layer())
+                   and fused_lora.plain_lora(module) is not None)
+        found.append(AdaptedLayer(name, module.in_features, module.out_features, rank,
+                                  isinstance(dropout, torch.nn.Dropout), re.search(r"\.\d+\.", name) is not None,
+                                  fusable))
     return found
+
+
+def takes_fused_path(layer: AdaptedLayer, setup: str, path: SpeedPath) -> bool:
+    """Whether the fused LoRA function computes `layer` in `setup`. It takes activations in the compute
+    dtype only (fused_lora._plain_adapter): a 4-bit base prepared for training feeds its layers fp32 (the
+    residual stream, and 4-bit layers return their input's dtype), all but the attention's output under
+    sdpa, which autocast made bf16 (varlen returns its fp32 input's dtype)."""
+    if not (path.fused_lora and layer.fusable) or setup == "full":
+        return False
+    if setup == "adapter_4bit":
+        return layer.fused_input()[1] == KEPT_BY_ATTENTION and path.attention != "varlen"
+    return True
+
+
+def adapter_bytes_per_token(adapted: list[AdaptedLayer], fused: set[str]) -> tuple[int, int]:
+    """Bytes per token the adapted layers keep (inside the decoder layers, outside them); the layers
+    named in `fused` as the fused function keeps them, a tensor read by several layers once."""
+    inside = outside = 0
+    inputs_kept: set[tuple[str, str]] = set()
+    for layer in adapted:
+        if layer.name in fused:
+            source = layer.fused_input()
+            new_input = source not in inputs_kept and source[1] != KEPT_BY_ATTENTION
+            inputs_kept.add(source)
+            kept = 2 * layer.rank + (2 * layer.in_features if new_input else 0)
+        else:
+            kept = layer.bytes_per_token()
+        if layer.in_block:
+            inside += kept
+        else:
+            outside += kept
+    return inside, outside
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one step, for any number of checkpointed layers (the first ones: the last
+    layers are back-propagated first, so theirs go before any recompute)."""
+
+    layers: int
+    per_layer: int  # kept by one decoder layer that is not checkpointed
+    checkpoint: int  # kept by one checkpointed layer: its input
+    offload: bool  # the checkpointed inputs live in CPU memory; one comes back for its recompute
+    head: int  # after the last layer, adapters outside the decoder layers, autocast's bf16 adapter copies
+    loss: int  # the output head and the loss at their peak (loss_bytes)
+    working: int  # the gradients of the layer being back-propagated
+
+    def kept(self, checkpointed: int) -> int:
+        """Kept for backward at the end of the forward."""
+        k = min(checkpointed, self.layers)
+        return (self.layers - k) * self.per_layer + (0 if self.offload else k * self.checkpoint) + self.head
+
+    def peak(self, checkpointed: int) -> int:
+        """The larger of the forward's end (loss buffers, or the last layer's gradients) and the
+        recompute of the last checkpointed layer (its activations rebuilt, and their gradients)."""
+        k = min(checkpointed, self.layers)
+        end_of_forward = self.kept(k) + max(self.loss, self.working)
+        if not k:
+            return end_of_forward
+        inputs = self.checkpoint if self.offload else k * self.checkpoint
+        return max(end_of_forward, inputs + self.per_layer + self.working + self.head)
+
+
+NO_ACTIVATIONS = Activations(0, 0, 0, False, 0, 0, 0)
 
 
 @dataclass
@@ -392,41 +562,58 @@ class Setup:
     gradients: int
     optimizer: int  # the recipe's optimizer's states on torch's books
     optimizer_variants: dict  # optimizer → bytes of its states (paged ones: in CUDA managed memory)
-    activations: int  # kept for backward, no checkpointing
-    activations_checkpointed: int  # with gradient checkpointing
-    logits: int  # logits and loss at the start of backward
+    memory: Activations
     overhead: int = FRAMEWORK_OVERHEAD
 
-    def total(self, checkpointing: bool) -> int:
-        """Peak bytes. Gradients build up as activations are freed, so the larger of the two counts."""
-        activations = self.activations_checkpointed if checkpointing else self.activations
-        return (self.weights + self.trainable + self.optimizer + self.overhead
-                + max(activations + self.logits, self.gradients))
+    def activations(self, checkpointed: int) -> int:
+        """Activations at the step's peak, beyond the loss buffers (`logits`)."""
+        return self.memory.peak(checkpointed) - self.memory.loss
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total(False), "total_checkpointed": self.total(True)}
+    def total(self, checkpointed: int) -> int:
+        """Peak bytes. Gradients build up as activations are freed, so the larger of the two counts."""
+        return (self.weights + self.trainable + self.optimizer + self.overhead
+                + max(self.memory.peak(checkpointed), self.gradients))
+
+    def as_dict(self, checkpointed: int) -> dict:
+        layers = self.memory.layers
+        return {"label": self.label, "weights": self.weights, "trainable": self.trainable,
+                "gradients": self.gradients, "optimizer": self.optimizer, "optimizer_variants": self.optimizer_variants,
+                "activations": self.activations(0), "activations_checkpointed": self.activations(layers),
+                "activations_per_layer": self.memory.per_layer, "logits": self.memory.loss, "overhead": self.overhead,
+                "total": self.total(0), "total_checkpointed": self.total(layers),
+                "total_planned": self.total(checkpointed)}
 
 
 @dataclass
 class Estimate:
-    batch_size: int
+    """Peak memory of a training step for the three setups, and the recipe's own (`selected`, `checkpointed`)."""
+
+    batch_size: int  # the recipe's rows per step and tokens per row, as given
     seq_len: int
+    step: Step  # what one step holds under the speed settings (packed: one row of the token budget)
     optimizer: str
-    gradient_checkpointing: bool
+    path: SpeedPath
+    layers: int  # decoder layers
+    checkpointed: int  # of them, checkpointed (speed decides; see speed.choose_checkpointing)
     selected: str  # the setup the recipe runs: adapter, adapter_4bit or (method full) full
     setups: dict[str, Setup]  # full, adapter, adapter_4bit
     notes: list[str] = field(default_factory=list)
 
+    def peak(self, checkpointed: int | None = None) -> int:
+        """The estimated peak of the recipe's own setup, with the planned or the given checkpointed layers."""
+        return self.setups[self.selected].total(self.checkpointed if checkpointed is None else checkpointed)
+
     @property
     def bytes(self) -> int:
-        """The estimated peak of the recipe's own setup."""
-        return self.setups[self.selected].total(self.gradient_checkpointing)
+        return self.peak()
 
     def as_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "optimizer": self.optimizer,
-                "gradient_checkpointing": self.gradient_checkpointing, "selected": self.selected,
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "tokens": self.step.tokens,
+                "rows": self.step.rows, "optimizer": self.optimizer, "speed": asdict(self.path),
+                "layers": self.layers, "checkpointed_layers": self.checkpointed,
+                "gradient_checkpointing": self.checkpointed > 0, "selected": self.selected,
                 "estimate_bytes": self.bytes, "estimate_gib": round(self.bytes / GIB, 3),
-                "setups": {name: s.as_dict() for name, s in self.setups.items()}, "notes": self.notes}
+                "setups": {name: s.as_dict(self.checkpointed) for name, s in self.setups.items()}, "notes": self.notes}
 
 
 @dataclass
@@ -448,21 +635,23 @@ class Census:
 SETUP_LABELS = {"full": "full fine-tuning", "adapter": "{method}", "adapter_4bit": "{method}, 4-bit base"}
 
 
-def estimate(recipe: Recipe, skeleton: Skeleton, *, batch_size: int, seq_len: int) -> Estimate:
-    """Peak GPU memory of a training step at `batch_size` rows of `seq_len` tokens, three ways."""
+def estimate(recipe: Recipe, skeleton: Skeleton, *, batch_size: int, seq_len: int, step: Step | None = None,
+             path: SpeedPath = SpeedPath(), checkpointed: int = 0) -> Estimate:
+    """Peak GPU memory of a training step, three ways: `batch_size` rows of `seq_len` tokens, or the
+    `step` the speed settings make of them, through `path`, with the first `checkpointed` layers checkpointed."""
     shape = shape_of(skeleton.config)
     optimizer = "adamw_torch_fused" if recipe.train.optim == "auto" else recipe.train.optim
     census = Census.of(skeleton)
-    dtype_bytes = training_dtype(recipe).itemsize
+    step = step or Step(batch_size, seq_len)
     full = recipe.method.name == "full"  # then the skeleton's trainable parameters are the model's own
     virtual = 0 if full else virtual_tokens(skeleton.model)
-    setups = {name: _setup(name, census, shape, batch_size * (seq_len + (0 if name == "full" else virtual)),
-                           optimizer, dtype_bytes, SETUP_LABELS[name].format(method=recipe.method.name),
-                           full_skeleton=full)
+    setups = {name: _setup(name, census, shape, step, virtual, path, optimizer, training_dtype(recipe).itemsize,
+                           SETUP_LABELS[name].format(method=recipe.method.name), full_skeleton=full)
               for name in (("full",) if full else SETUP_LABELS)}
     selected = "full" if full else "adapter_4bit" if is_4bit(recipe) else "adapter"
-    notes = _notes(recipe, skeleton.config, shape)
-    return Estimate(batch_size, seq_len, optimizer, recipe.train.gradient_checkpointing, selected, setups, notes)
+    notes = _notes(recipe, skeleton.config, shape, path)
+    return Estimate(batch_size, seq_len, step, optimizer, path, shape.layers if shape else 0, checkpointed,
+                    selected, setups, notes)
 
 
 def virtual_tokens(model) -> int:
@@ -477,7 +666,7 @@ def virtual_tokens(model) -> int:
     return 0
 
 
-def _notes(recipe: Recipe, config, shape: Shape | None) -> list[str]:
+def _notes(recipe: Recipe, config, shape: Shape | None, path: SpeedPath) -> list[str]:
     notes = []
     if shape is None:
         notes.append(f"no activation model for model_type '{config.model_type}': activations not counted")
@@ -485,11 +674,16 @@ def _notes(recipe: Recipe, config, shape: Shape | None) -> list[str]:
         notes.append(f"{config.model_type} is modelled as a Llama-like decoder (RMSNorm, gated MLP)")
     if recipe.model.dtype == "float32":
         notes.append("the activation model assumes bf16/fp16 autocast; float32 training keeps about twice as much")
+    if path.attention not in ("varlen", "sdpa"):
+        notes.append(f"{path.attention} attention is modelled as sdpa's flash kernel (eager also keeps the "
+                     "attention weights: more)")
+    if path.liger_kernels:
+        notes.append("liger's loss buffers are modelled from liger-kernel 0.8.5's source, not yet measured on a GPU")
     return notes
 
 
-def _setup(name: str, census: Census, shape: Shape | None, tokens: int, optimizer: str, dtype_bytes: int,
-           label: str, full_skeleton: bool = False) -> Setup:
+def _setup(name: str, census: Census, shape: Shape | None, step: Step, virtual: int, path: SpeedPath,
+           optimizer: str, dtype_bytes: int, label: str, full_skeleton: bool = False) -> Setup:
     if full_skeleton:  # method full: what it trains is what trains; frozen modules (trainable_modules) stay weights
         weights, trained = sum(numel for numel, _ in census.frozen) * dtype_bytes, census.trained
     elif name == "full":
@@ -500,11 +694,9 @@ def _setup(name: str, census: Census, shape: Shape | None, tokens: int, optimize
                    else sum(numel for numel, _ in census.frozen) * dtype_bytes)
     trainable = sum(math.prod(s) * b for s, b in trained)
     variants = {opt: optimizer_bytes(opt, trained) for opt in OPTIMIZERS}
-    activations, checkpointed, logits = _activation_bytes(name, shape, census, tokens)
     return Setup(label, weights=weights, trainable=trainable, gradients=trainable,
                  optimizer=0 if optimizer in PAGED else optimizer_bytes(optimizer, trained),
-                 optimizer_variants=variants, activations=activations, activations_checkpointed=checkpointed,
-                 logits=logits)
+                 optimizer_variants=variants, memory=_activations(name, shape, census, step, virtual, path))
 
 
 def _4bit_weight_bytes(frozen: list[tuple[int, bool]]) -> int:
@@ -538,28 +730,27 @@ def optimizer_bytes(optimizer: str, trained: list[tuple]) -> int:
     return total
 
 
-def _activation_bytes(setup: str, shape: Shape | None, census: Census, tokens: int) -> tuple[int, int, int]:
-    """(no checkpointing, checkpointing, logits and loss) bytes for `tokens` tokens."""
+def _activations(setup: str, shape: Shape | None, census: Census, step: Step, virtual: int,
+                 path: SpeedPath) -> Activations:
+    """The setup's activations for `step` through the speed path."""
     if shape is None:
-        return 0, 0, 0
+        return NO_ACTIVATIONS
+    tokens = step.tokens + (0 if setup == "full" else step.rows * virtual)
     adapted = [] if setup == "full" else census.adapted
-    in_blocks = sum(a.bytes_per_token() for a in adapted if a.in_block)
-    outside = sum(a.bytes_per_token() for a in adapted if not a.in_block)
-    # autocast's bf16 copies of the fp32 adapter weights, kept for backward
-    autocast_copies = 0 if setup == "full" else 2 * sum(math.prod(s) for s, _ in census.trained)
-    per_layer = layer_bytes(shape, setup) + in_blocks / shape.layers
-    head = head_bytes(shape, setup) + outside
-    logits = LOSS_BYTES_PER_LOGIT * shape.vocab * tokens + _fp32_head_copy(setup, shape)
-    plain = shape.layers * per_layer * tokens + head * tokens + autocast_copies
-    kept = shape.layers * checkpoint_bytes(shape, setup) * tokens + head * tokens + autocast_copies
-    recompute = (per_layer + 4 * shape.intermediate) * tokens  # one layer rebuilt, and its gradients
-    checkpointed = kept + max(0, recompute - logits)  # the loss's buffers are gone by then
-    return math.ceil(plain), math.ceil(checkpointed), logits
-
-
-def _fp32_head_copy(setup: str, shape: Shape) -> int:
-    """Under autocast an fp32 output head (4-bit setup) is cast to bf16 and that copy kept for backward."""
-    return 2 * shape.vocab * shape.hidden if setup == "adapter_4bit" else 0
+    fused = {a.name for a in adapted if takes_fused_path(a, setup, path)}
+    inside, outside = adapter_bytes_per_token(adapted, fused)
+    # autocast's bf16 copies of the fp32 adapter weights peft's forward uses, kept for backward
+    # (the fused function casts its own and keeps none)
+    copied = sum(math.prod(s) for s, _ in census.trained) - sum(a.adapter_params for a in adapted if a.name in fused)
+    liger = path.liger_kernels and shape.family == "llama"
+    mask = step.length if step.masked else 0
+    per_layer = layer_bytes(shape, setup, liger=liger, mask_length=mask) + inside / shape.layers
+    return Activations(
+        layers=shape.layers, per_layer=math.ceil(per_layer * tokens),
+        checkpoint=checkpoint_bytes(shape, setup) * tokens, offload=path.offload_activations,
+        head=(head_bytes(shape, setup, liger=liger) + outside) * tokens + (0 if setup == "full" else 2 * copied),
+        loss=loss_bytes(shape, setup, tokens, liger=liger),
+        working=BACKWARD_BYTES_PER_INTERMEDIATE * shape.intermediate * tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -598,20 +789,26 @@ COUNTED_AS_4BIT = (COUNTED_AS + "; 4-bit layers as peft counts them: 2 parameter
 
 
 def account(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | None = None) -> Accounting:
-    """Counts and memory for `recipe` at its batch size and max_length unless given."""
+    """Counts and memory for `recipe` at its batch size and max_length unless given; the memory as
+    `peft train` would run it on a CUDA GPU (speed.estimate_on_a_gpu resolves its speed settings)."""
+    from peftcli import speed  # speed plans with this module's estimate
+
     skeleton = build_skeleton(recipe)
     counts = count(skeleton, is_4bit(recipe))
-    memory = estimate(recipe, skeleton, batch_size=batch_size or recipe.train.batch_size,
-                      seq_len=seq_len or recipe.data.max_length)
+    memory = speed.estimate_on_a_gpu(recipe, skeleton, batch_size=batch_size or recipe.train.batch_size,
+                                     seq_len=seq_len or recipe.data.max_length)
     architecture = type(methods.base_model(skeleton.model)).__name__
     return Accounting(recipe, architecture, skeleton.config.model_type, counts, memory)
 
 
-def report_estimate(recipe: Recipe, *, batch_size: int, seq_len: int) -> dict:
-    """The estimate that `peft train` writes beside the measured peak in report.json."""
-    memory = estimate(recipe, build_skeleton(recipe), batch_size=batch_size, seq_len=seq_len)
-    chosen = memory.setups[memory.selected]
-    parts = {k: v for k, v in chosen.as_dict().items() if isinstance(v, int)}
-    return {"bytes": memory.bytes, "gib": round(memory.bytes / GIB, 3), "batch_size": batch_size,
-            "seq_len": seq_len, "setup": memory.selected, "gradient_checkpointing": memory.gradient_checkpointing,
-            "parts": parts, "assumes": "a CUDA GPU, bf16 autocast, sdpa attention (peft count-params explains)"}
+def report_estimate(memory: Estimate) -> dict:
+    """The estimate that `peft train` writes beside the measured peak in report.json: its own run's
+    (speed.plan made it, with the run's step, speed settings and checkpointed layers)."""
+    chosen, k = memory.setups[memory.selected], memory.checkpointed
+    parts = {"weights": chosen.weights, "trainable": chosen.trainable, "gradients": chosen.gradients,
+             "optimizer": chosen.optimizer, "activations": chosen.activations(k), "logits": chosen.memory.loss,
+             "overhead": chosen.overhead}
+    return {"bytes": memory.bytes, "gib": round(memory.bytes / GIB, 3), "batch_size": memory.batch_size,
+            "seq_len": memory.seq_len, "tokens": memory.step.tokens, "rows": memory.step.rows,
+            "setup": memory.selected, "checkpointed_layers": k, "speed": asdict(memory.path), "parts": parts,
+            "assumes": "a CUDA GPU, bf16 autocast, the run's speed settings (peft count-params explains)"}

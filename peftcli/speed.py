@@ -12,14 +12,19 @@ returns the Trainer's train dataset and collator. `train.profile` picks the defa
 | fused LoRA (`train.fused_lora`)              | on for LoRA with dropout 0          | same                     |
 | checkpointing (`train.gradient_checkpointing`) | only layers that do not fit in `train.max_memory_gib` | every layer |
 | activation offload (`train.offload_activations`) | off                             | on a GPU                 |
+
+The layers to checkpoint are chosen with params' memory estimate (the one `peft count-params`
+shows), made for the run's largest step through these settings; `estimate_on_a_gpu` resolves the
+same settings as a CUDA GPU would, for count-params.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from peftcli import fused_lora, methods, packing, varlen
+from peftcli import fused_lora, methods, packing, params, varlen
 from peftcli.errors import UserError
 
 GIB = 2**30
@@ -27,7 +32,6 @@ GIB = 2**30
 # layers pass position_ids and the collator's sequence bounds through to the attention function.
 VARLEN_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DEFAULT_MEMORY_FRACTION = 0.9  # of the GPU, when train.max_memory_gib is not set
-ESTIMATE_MARGIN = 1.15  # activations measured on the GPU run a little above the count of saved tensors
 
 
 @dataclass
@@ -47,7 +51,8 @@ class SpeedPlan:
     offload: bool
     compile: bool
     memory_budget_gib: float | None = None
-    estimated_peak_gib: float | None = None
+    estimated_peak_gib: float | None = None  # on a GPU: the estimate the checkpointing was chosen by
+    memory: params.Estimate | None = None  # the run's memory estimate (report.json has it on any device)
     fused_layers: int = field(default=0)  # set by prepare
 
     def describe(self) -> dict:
@@ -70,29 +75,57 @@ def plan(recipe, model, train_data, device: str) -> SpeedPlan:
     t = recipe.train
     base = methods.base_model(model)
     lengths = [len(ids) for ids in train_data["input_ids"]]
-    attention = recipe.model.attn_implementation
-    use_varlen = _varlen_possible(attention, base, device)
-    packed = _resolve_packing(t.packing, base, use_varlen)
-    if use_varlen and (packed or attention == "varlen"):
-        attention = varlen.NAME
-    budget = None
-    if packed:
+    machine = Machine.here(device, base)
+    path = resolve_path(recipe, base, machine)
+    budget = batches = None
+    if path.packing:
         budget = t.max_tokens_per_batch or packing.default_budget(lengths, t.batch_size)
         if budget < max(lengths):
             raise UserError(f"train.max_tokens_per_batch ({budget}) is below the longest example ({max(lengths)} tokens)",
                             where="train.max_tokens_per_batch", hint="raise it, or lower data.max_length")
-    liger = _resolve_liger(t.liger_kernels, base, device)
+        batches = packing.token_budget_batches(lengths, budget)
+    memory = params.estimate(recipe, params.build_skeleton(recipe), batch_size=t.batch_size, seq_len=max(lengths),
+                             step=_run_step(path, lengths, batches, t.batch_size, device), path=path)
     layers = len(decoder_layers(base))
-    speed = SpeedPlan(
-        profile=t.profile, device=device, packing=packed, tokens_per_batch=budget,
-        batches=packing.token_budget_batches(lengths, budget) if packed else None,
-        attention=None if attention == "auto" else attention,
-        liger=liger, fused_lora=_resolve_fused_lora(t.fused_lora, recipe.method),
-        layers=layers, checkpointed=0, offload=_resolve_offload(t.offload_activations, t.profile, device),
-        compile=t.compile)
-    tokens = budget if packed else t.batch_size * max(lengths)
-    _choose_checkpointing(speed, t, base, model, tokens)
-    return speed
+    memory, budget_gib = choose_checkpointing(memory, t, machine, layers)
+    attention = recipe.model.attn_implementation
+    return SpeedPlan(
+        profile=t.profile, device=device, packing=path.packing, tokens_per_batch=budget, batches=batches,
+        attention=varlen.NAME if path.attention == "varlen" else (None if attention == "auto" else attention),
+        liger=path.liger_kernels, fused_lora=path.fused_lora, layers=layers, checkpointed=memory.checkpointed,
+        offload=memory.path.offload_activations, compile=t.compile, memory_budget_gib=budget_gib,
+        estimated_peak_gib=memory.peak() / GIB if device == "cuda" else None, memory=memory)
+
+
+def estimate_on_a_gpu(recipe, skeleton, *, batch_size: int, seq_len: int) -> params.Estimate:
+    """The memory of `recipe` as `peft train` would run it on a CUDA GPU (Machine.assumed_gpu), every
+    example `seq_len` tokens long: packed into the token budget, or `batch_size` full rows."""
+    t = recipe.train
+    base = methods.base_model(skeleton.model)
+    machine = Machine.assumed_gpu(base)
+    path = resolve_path(recipe, base, machine)
+    step = params.Step(batch_size, seq_len)
+    if path.packing:  # packing.default_budget of examples all seq_len long
+        step = params.Step(1, t.max_tokens_per_batch or batch_size * seq_len, masked=path.attention != "varlen")
+    memory = params.estimate(recipe, skeleton, batch_size=batch_size, seq_len=seq_len, step=step, path=path)
+    memory, budget_gib = choose_checkpointing(memory, t, machine, len(decoder_layers(base)))
+    if t.profile == "fast" and t.gradient_checkpointing == "auto" and budget_gib is None:
+        memory.notes.append("fast profile: no layer is checkpointed unless the GPU's memory is short; "
+                            "set train.max_memory_gib to plan within a GPU's memory")
+    return memory
+
+
+def _run_step(path, lengths: list[int], batches, batch_size: int, device: str) -> params.Step:
+    """The largest step of the run: its fullest packed batch, or `batch_size` rows padded to the longest
+    example (to a multiple of 8 on a GPU, as the collator pads); sdpa gets a mask when rows are padded or packed."""
+    if batches:
+        largest = max(sum(lengths[i] for i in batch) for batch in batches)
+        return params.Step(1, largest, masked=path.attention != "varlen")
+    longest = max(lengths)
+    if device == "cuda":
+        longest = -(-longest // 8) * 8
+    rows = min(batch_size, len(lengths))
+    return params.Step(rows, longest, masked=path.attention != "varlen" and min(lengths) < longest)
 
 
 def prepare(speed: SpeedPlan, model, train_data, pad_collator):
@@ -109,7 +142,7 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
 
         apply_liger_kernel(model, None)
     speed.fused_layers = fused_lora.install(model) if speed.fused_lora else 0
-    _apply_checkpointing(base, speed)
+    checkpoint_layers(base, speed.checkpointed, offload=speed.offload)
     if speed.compile:
         for layer in decoder_layers(base):
             layer.compile(dynamic=True)
@@ -131,6 +164,50 @@ def decoder_layers(base) -> list:
 # Resolving each setting
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What the speed settings depend on besides the recipe and the model."""
+
+    device: str
+    varlen: bool  # torch's varlen attention runs here
+    liger: bool  # liger-kernel is installed here and patches this model's architecture
+    memory_gib: float | None  # the GPU's memory; None when unknown or on a CPU
+
+    @classmethod
+    def here(cls, device: str, base) -> Machine:
+        if device != "cuda":
+            return cls(device, False, False, None)
+        import torch
+
+        return cls(device, varlen.available(), liger_supported(base),
+                   torch.cuda.get_device_properties(0).total_memory / GIB)
+
+    @classmethod
+    def assumed_gpu(cls, base) -> Machine:
+        """A CUDA GPU as count-params assumes it from this machine: this torch (varlen attention or not),
+        liger-kernel installed (the project's GPU setup; liger's own list of architectures when it is
+        installed here, else the Llama family), its memory unknown."""
+        installed = importlib.util.find_spec("liger_kernel") is not None
+        liger = liger_supported(base) if installed else base.config.model_type in VARLEN_FAMILIES
+        return cls("cuda", varlen.kernel() is not None, liger, None)
+
+
+def resolve_path(recipe, base, machine: Machine) -> params.SpeedPath:
+    """The recipe's speed settings that change memory, each `auto` resolved for the model and machine."""
+    t = recipe.train
+    attention = recipe.model.attn_implementation
+    use_varlen = _varlen_possible(attention, base, machine)
+    packed = _resolve_packing(t.packing, base, use_varlen)
+    if use_varlen and (packed or attention == "varlen"):
+        attention = "varlen"
+    elif attention in ("auto", "varlen"):
+        attention = "sdpa"  # transformers' default for the models packing and varlen leave out
+    return params.SpeedPath(profile=t.profile, packing=packed, attention=attention,
+                            liger_kernels=_resolve_liger(t.liger_kernels, base, machine),
+                            fused_lora=_resolve_fused_lora(t.fused_lora, recipe.method),
+                            offload_activations=_resolve_offload(t.offload_activations, t.profile, machine))
+
+
 def supports_packing(base) -> bool:
     """Models on transformers' attention interface build their masks from position_ids, so packed
     examples stay apart under sdpa, eager and flex attention as under varlen."""
@@ -149,15 +226,15 @@ def _resolve_packing(setting, base, use_varlen: bool) -> bool:
     return setting
 
 
-def _varlen_possible(setting: str, base, device: str) -> bool:
+def _varlen_possible(setting: str, base, machine: Machine) -> bool:
     """Whether the run can (auto) or must (varlen) use varlen attention."""
     if setting == "varlen":
-        if not varlen.available():
+        if not machine.varlen:
             raise UserError("varlen attention needs a CUDA GPU and torch.nn.attention.varlen (torch 2.9+)",
                             where="model.attn_implementation", hint="use auto or sdpa")
         return True
-    return (setting == "auto" and device == "cuda" and varlen.available()
-            and base.config.model_type in VARLEN_FAMILIES and not getattr(base.config, "attention_dropout", 0.0))
+    return (setting == "auto" and machine.varlen and base.config.model_type in VARLEN_FAMILIES
+            and not getattr(base.config, "attention_dropout", 0.0))
 
 
 def liger_supported(base) -> bool:
@@ -168,10 +245,10 @@ def liger_supported(base) -> bool:
     return base.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def _resolve_liger(setting, base, device: str) -> bool:
+def _resolve_liger(setting, base, machine: Machine) -> bool:
     if setting == "auto":
-        return device == "cuda" and liger_supported(base)
-    if setting and (device != "cuda" or not liger_supported(base)):
+        return machine.liger
+    if setting and not machine.liger:
         raise UserError(f"liger kernels need a CUDA GPU, the liger-kernel package and a supported architecture "
                         f"({base.config.model_type} here)", where="train.liger_kernels", hint="set it to auto or false")
     return setting
@@ -189,42 +266,36 @@ def _resolve_fused_lora(setting, method) -> bool:
     return setting
 
 
-def _resolve_offload(setting, profile: str, device: str) -> bool:
+def _resolve_offload(setting, profile: str, machine: Machine) -> bool:
     """Offloading moves GPU activations to CPU memory; on a CPU there is nothing to move."""
     wanted = profile == "lean" if setting == "auto" else setting
-    return wanted and device == "cuda"
+    return wanted and machine.device == "cuda"
 
 
 # ---------------------------------------------------------------------------------------
 # Gradient checkpointing, by profile and memory
 
 
-def _choose_checkpointing(speed: SpeedPlan, t, base, model, tokens: int) -> None:
-    """lean: every layer. fast: none, or as few layers as keep the estimated peak within the budget."""
-    fixed = _fixed_bytes(model)
-    if speed.device == "cuda":
-        import torch
+def choose_checkpointing(memory: params.Estimate, t, machine: Machine, layers: int
+                         ) -> tuple[params.Estimate, float | None]:
+    """The estimate with its checkpointed layers chosen, and the memory budget it was chosen within.
 
-        total = torch.cuda.get_device_properties(0).total_memory / GIB
-        speed.memory_budget_gib = t.max_memory_gib or DEFAULT_MEMORY_FRACTION * total
-
-    activation_bytes = base.get_input_embeddings().weight.element_size()  # the compute dtype, 4-bit bases too
-
-    def peak(checkpointed: int) -> float:
-        return estimate_peak_bytes(base.config, tokens=tokens, layers=speed.layers, checkpointed=checkpointed,
-                                   offload=speed.offload, liger=speed.liger, fixed_bytes=fixed,
-                                   dtype_bytes=activation_bytes) / GIB
-
+    lean: every layer. fast: none, or as few layers as keep the estimated peak within the budget
+    (train.max_memory_gib, else 90% of the GPU; none on a CPU, where nothing is worth recomputing)."""
+    budget = None
+    if machine.device == "cuda":
+        fraction = DEFAULT_MEMORY_FRACTION * machine.memory_gib if machine.memory_gib else None
+        budget = t.max_memory_gib or fraction
     if t.gradient_checkpointing != "auto":
-        speed.checkpointed = speed.layers if t.gradient_checkpointing else 0
+        checkpointed = layers if t.gradient_checkpointing else 0
     elif t.profile == "lean":
-        speed.checkpointed = speed.layers
-    elif speed.memory_budget_gib is None:  # on a CPU nothing is worth recomputing
-        speed.checkpointed = 0
+        checkpointed = layers
+    elif budget is None:
+        checkpointed = 0
     else:
-        speed.checkpointed = fewest_checkpointed(peak, speed.layers, speed.memory_budget_gib)
-    speed.offload = speed.offload and speed.checkpointed > 0
-    speed.estimated_peak_gib = peak(speed.checkpointed) if speed.device == "cuda" else None
+        checkpointed = fewest_checkpointed(lambda k: memory.peak(k) / GIB, layers, budget)
+    offload = memory.path.offload_activations and checkpointed > 0
+    return replace(memory, checkpointed=checkpointed, path=replace(memory.path, offload_activations=offload)), budget
 
 
 def fewest_checkpointed(peak, layers: int, budget_gib: float) -> int:
@@ -232,44 +303,12 @@ def fewest_checkpointed(peak, layers: int, budget_gib: float) -> int:
     return next((k for k in range(layers + 1) if peak(k) <= budget_gib), layers)
 
 
-def _fixed_bytes(model) -> int:
-    """Weights, and for trainable parameters their gradients and AdamW's two float32 moments."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-        if p.requires_grad:
-            total += p.numel() * (p.element_size() + 8)
-    return total
-
-
-def estimate_peak_bytes(config, *, tokens: int, layers: int, checkpointed: int, offload: bool, liger: bool,
-                        fixed_bytes: int, dtype_bytes: int = 2) -> int:
-    """Peak GPU memory of a LoRA training step on `tokens` tokens, from the tensors autograd keeps.
-
-    Per token and decoder layer a layer keeps (fused LoRA, liger kernels): both norm inputs and
-    outputs (4 hidden), q, k, v and the attention output, the gate, up and activated MLP
-    projections (3 intermediate). A checkpointed layer keeps only its input (none on the GPU when
-    offloaded) and recomputes the rest; the layer being back-propagated holds its activations and
-    their gradients. Without liger the norms keep float32 copies and the loss holds float32 logits."""
-    hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    per_layer = dtype_bytes * (4 * hidden + 2 * heads * head_dim + 2 * kv + 3 * intermediate)
-    per_layer *= ESTIMATE_MARGIN * (1.0 if liger else 1.6)
-    kept = (layers - checkpointed) * per_layer + (0 if offload else checkpointed * dtype_bytes * hidden)
-    working = 2 * per_layer
-    loss = 2 * dtype_bytes * hidden if liger else 10 * config.vocab_size  # liger never holds whole logits
-    return int(fixed_bytes + tokens * (kept + working + loss))
-
-
-def _apply_checkpointing(base, speed: SpeedPlan) -> None:
+def checkpoint_layers(base, checkpointed: int, *, offload: bool) -> None:
     """Checkpoint the first `checkpointed` decoder layers: the last ones are back-propagated first, so
     keeping their activations needs no recompute at the start of backward."""
-    if not speed.checkpointed:
+    if not checkpointed:
         return
-    base.activation_checkpointing_enable({"use_reentrant": False}, offload=speed.offload)
+    base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
     base.disable_input_require_grads()  # non-reentrant checkpointing needs no gradient at the embeddings
-    for layer in decoder_layers(base)[speed.checkpointed:]:
+    for layer in decoder_layers(base)[checkpointed:]:
         layer.gradient_checkpointing = False

@@ -320,16 +320,11 @@ def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
 
 
 def memory_estimate(plan: Plan) -> dict:
-    """peft count-params' estimate for this run, at its batch size and its longest (padded) example."""
+    """peft count-params' estimate for this run: its largest step through its speed settings, with the
+    layers the plan checkpoints (speed.plan made it)."""
     from peftcli import params
 
-    longest = max(len(ids) for ids in plan.train_data["input_ids"])
-    if plan.device == "cuda":
-        longest = math.ceil(longest / 8) * 8  # the collator pads to a multiple of 8 on a GPU
-    try:
-        return params.report_estimate(plan.recipe, batch_size=plan.recipe.train.batch_size, seq_len=longest)
-    except Exception as err:  # an estimate must never cost the report of a finished run
-        return {"error": f"{type(err).__name__}: {err}"}
+    return params.report_estimate(plan.speed.memory)
 
 
 def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall,

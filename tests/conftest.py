@@ -155,26 +155,24 @@ def task_runs(tmp_path_factory):
     }
 
 
-def saved_tensor_bytes(loss, exclude=()) -> int:
-    """Bytes autograd keeps for the backward of `loss`: each storage once, parameters left out."""
+def kept_for_backward(forward, exclude=()) -> tuple[int, object]:
+    """Run `forward()`; return the bytes autograd keeps for its backward, and what it returned.
+
+    Each tensor autograd saves during the forward is recorded through saved-tensor hooks, each storage
+    once, the `exclude` tensors (parameters) left out. A checkpointed layer's own hooks take the tensors
+    saved inside it (they are recomputed, not kept), and the layer's input is saved outside them, so
+    this counts what checkpointing keeps too."""
     import torch
 
     skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, stack, visited = {}, [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(node, attr)
-            except RuntimeError:  # a saved value already freed or not a tensor
-                continue
-            for t in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in skip:
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        stack.extend(fn for fn, _ in node.next_functions)
-    return sum(seen.values())
+    kept = {}
+
+    def record(tensor):
+        storage = tensor.untyped_storage()
+        if tensor.numel() and storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        result = forward()
+    return sum(kept.values()), result

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, save_adapter, write_jsonl
-from test_gpu_memory import BATCH, SEQ, STEPS, TOLERANCE, fixed_length_rows
+from test_gpu_memory import BATCH, SEQ, STEPS, TOLERANCE, text_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -46,7 +46,7 @@ def test_full_fine_tuning_of_the_1b_shape_and_its_memory_estimate(tmp_path):
     free_gpu()
     plan, report = train({
         "name": "full-1b", "model": {"base": "builtin:llama-1b-random"}, "method": {"name": "full"},
-        "data": {"train": str(fixed_length_rows(tmp_path / "rows.jsonl", BATCH * STEPS)), "format": "text",
+        "data": {"train": str(text_rows(tmp_path / "rows.jsonl", full_length=True)), "format": "text",
                  "max_length": SEQ},
         "train": {"max_steps": STEPS, "batch_size": BATCH, "logging_steps": 1, "gradient_checkpointing": False},
         "output_dir": str(tmp_path / "run")})

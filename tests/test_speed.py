@@ -10,9 +10,8 @@ from rich.console import Console
 from transformers import DataCollatorForSeq2Seq
 
 from conftest import ROOT, tiny_recipe
-from peftcli import speed
+from peftcli import params, speed, varlen
 from peftcli.errors import UserError
-from peftcli.models import random_config
 from peftcli.packing import PackedCollator
 from peftcli.recipe import validate_recipe
 from peftcli.rundir import RunDir
@@ -111,28 +110,47 @@ def test_checkpointing_changes_memory_not_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def gpu_estimate(base: str, *, batch_size=4, seq_len=2048, targets=PROJECTIONS, **train):
+    """count-params' estimate: the recipe as peft train would run it on a CUDA GPU."""
+    recipe = validate_recipe({"model": {"base": base}, "method": {"r": 16, "alpha": 32, "dropout": 0.0,
+                                                                   "target_modules": targets}, "train": train},
+                             base_dir=ROOT)
+    return speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=batch_size, seq_len=seq_len)
+
+
+def test_count_params_assumes_what_peft_train_runs_on_a_gpu():
+    llama = gpu_estimate("builtin:llama-1b-random")
+    assert llama.path == params.SpeedPath(profile="fast", packing=True, attention="varlen", liger_kernels=True,
+                                          fused_lora=True, offload_activations=False) or not varlen.kernel()
+    assert llama.step == params.Step(1, 4 * 2048)  # packed: the token budget of 4 full-length examples
+    assert llama.checkpointed == 0  # fast, and the GPU's memory unknown: nothing checkpointed
+    assert gpu_estimate("builtin:llama-1b-random", max_tokens_per_batch=5000).step.tokens == 5000
+    lean = gpu_estimate("builtin:llama-1b-random", profile="lean")
+    assert lean.checkpointed == 16 and lean.path.offload_activations
+    gpt2 = gpu_estimate("builtin:tiny-gpt2", batch_size=2, seq_len=64, targets=["c_attn"])  # neither varlen nor liger for GPT-2
+    assert (gpt2.path.packing, gpt2.path.attention, gpt2.path.liger_kernels, gpt2.step) == (
+        False, "sdpa", False, params.Step(2, 64))
+
+
 def test_fast_checkpoints_the_fewest_layers_that_fit_the_budget():
-    config = random_config("llama-8b-random")
-    weights = 16_060_000_000 + 42_000_000 * 16
+    def planned(budget):
+        return gpu_estimate("builtin:llama-8b-random", max_memory_gib=budget)
 
-    def peak(k):
-        return speed.estimate_peak_bytes(config, tokens=8192, layers=32, checkpointed=k, offload=False, liger=True,
-                                         fixed_bytes=weights) / speed.GIB
-
-    chosen = speed.fewest_checkpointed(peak, layers=32, budget_gib=24)
-    assert peak(chosen) <= 24 < peak(chosen - 1)
-    assert speed.fewest_checkpointed(peak, layers=32, budget_gib=72) == 0
-    assert speed.fewest_checkpointed(peak, layers=32, budget_gib=10) == 32  # nothing fits: checkpoint everything
+    chosen = planned(24)
+    assert 0 < chosen.checkpointed < 32 and chosen.bytes / speed.GIB <= 24 < chosen.peak(chosen.checkpointed - 1) / speed.GIB
+    assert planned(72).checkpointed == 0
+    assert planned(10).checkpointed == 32  # nothing fits: checkpoint everything
 
 
-def test_the_memory_estimate_matches_the_measured_8b_peak():
-    """WORKLOAD.md: 8B, LoRA r16 on 7 projections, 4 × 2048 tokens, liger, every layer checkpointed: 20.1 GiB."""
-    config = random_config("llama-8b-random")
-    lora = 32 * 16 * (2 * 4096 + 2 * (4096 + 1024) + 2 * 4096 + 3 * (4096 + 14336))
-    fixed = 8_030_261_248 * 2 + lora * 16
-    estimate = speed.estimate_peak_bytes(config, tokens=8192, layers=32, checkpointed=32, offload=False, liger=True,
-                                         fixed_bytes=fixed) / speed.GIB
-    assert estimate == pytest.approx(20.1, rel=0.1)
+def test_a_run_is_estimated_at_its_largest_step():
+    packed = plan_for(llama_recipe(packing=True, max_tokens_per_batch=600)).speed
+    lengths = [len(ids) for ids in plan_for(llama_recipe()).train_data["input_ids"]]
+    fullest = max(sum(lengths[i] for i in batch) for batch in packed.batches)
+    assert packed.memory.step == params.Step(1, fullest, masked=True)  # sdpa on a CPU: the packed row gets a mask
+    padded = plan_for(llama_recipe()).speed.memory.step
+    assert padded == params.Step(4, max(lengths), masked=min(lengths) < max(lengths))
+    lean = plan_for(llama_recipe(profile="lean")).speed
+    assert lean.memory.checkpointed == lean.checkpointed == 2
 
 
 @pytest.fixture(scope="module")
