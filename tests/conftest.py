@@ -176,3 +176,16 @@ def kept_for_backward(forward, exclude=()) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
         result = forward()
     return sum(kept.values()), result
+
+
+def one_and_two_layer_llamas(root: Path, **shape) -> dict[int, Path]:
+    """1- and 2-layer random Llamas of one shape saved in bf16 (a 4-bit load needs weights): a decoder
+    layer's bytes are the 2-layer model's minus the 1-layer model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **shape)).to(
+            torch.bfloat16).save_pretrained(root / str(layers))
+    return {layers: root / str(layers) for layers in (1, 2)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, kept_for_backward, write_jsonl
+from conftest import ROOT, kept_for_backward, one_and_two_layer_llamas, write_jsonl
 from peftcli import methods, models, params, speed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -67,15 +67,7 @@ ROW_LENGTHS = [300, 140, 512, 60]  # one packed batch of 1,012 tokens
 
 @pytest.fixture(scope="module")
 def small_folders(tmp_path_factory):
-    """1- and 2-layer random Llamas of one shape, saved in bf16 (a 4-bit load needs weights)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    root = tmp_path_factory.mktemp("small")
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **SMALL)).to(
-            torch.bfloat16).save_pretrained(root / str(layers))
-    return {layers: root / str(layers) for layers in (1, 2)}
+    return one_and_two_layer_llamas(tmp_path_factory.mktemp("small"), **SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, LlamaConfig,
                           MistralConfig, Qwen2Config)
 
-from conftest import ROOT, kept_for_backward, no_traceback, tiny_recipe
+from conftest import ROOT, kept_for_backward, no_traceback, one_and_two_layer_llamas, tiny_recipe
 from peftcli import fused_lora, methods, models, params, speed
 from peftcli.errors import UserError
 from peftcli.recipe import method_names, validate_recipe
@@ -268,13 +268,7 @@ BATCH, SEQ = 2, 32
 
 @pytest.fixture(scope="module")
 def layer_folders(tmp_path_factory):
-    """1- and 2-layer Llamas of one shape, random bf16 weights saved (a 4-bit load needs weights)."""
-    root = tmp_path_factory.mktemp("layers")
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **LAYER_SHAPE)).to(
-            torch.bfloat16).save_pretrained(root / str(layers))
-    return {layers: root / str(layers) for layers in (1, 2)}
+    return one_and_two_layer_llamas(tmp_path_factory.mktemp("layers"), **LAYER_SHAPE)
 
 
 def bf16_peft_model(recipe, path: params.SpeedPath, checkpointed: int = 0):
