@@ -113,7 +113,7 @@ def run(work: Workload, console) -> dict:
         result = trainer.train()
         seconds = clock.stop()
     steps = trainer.state.global_step
-    accumulation = plan.recipe.train.grad_accum
+    accumulation = plan.accumulation
     tokens = sum(counter.counts[WARMUP * accumulation: steps * accumulation])
     return {
         "tool": "peftcli", "workload": work.name, "size": work.size, "qlora": work.qlora,

@@ -181,11 +181,12 @@ def _speed_table(memory) -> Table:
     path, step = memory.path, memory.step
     tokens = f"{step.tokens:,} tokens per step"
     rows = {"profile": path.profile,
-            "packing": f"on: {tokens} in one row (the token budget)" if path.packing else f"off: {tokens}, "
+            "packing": f"on: {tokens} in one row (the token budget of a micro-batch)" if path.packing else f"off: {tokens}, "
                        f"{step.rows} rows of {step.length:,}",
             "attention": path.attention, "liger kernels": _on(path.liger_kernels), "fused LoRA": _on(path.fused_lora),
             "gradient checkpointing": f"{memory.checkpointed} of {memory.layers} layers",
-            "activation offload": _on(path.offload_activations)}
+            "activation offload": _on(path.offload_activations),
+            "embedding table in CPU memory": _on(path.offload_embeddings)}
     return key_values("Speed settings assumed (peft train's, resolved as on a CUDA GPU)", rows)
 
 

@@ -17,8 +17,8 @@ how many layers to checkpoint with this estimate), and counts what `torch.cuda.m
 sees. Its parts:
 - weights: bf16 (2 bytes/param), or NF4 with double quantization: 4 bits per weight, one
   8-bit absmax per block of 64 weights and one fp32 absmax per 256 blocks; the layers
-  transformers does not quantize stay in fp32, as peft's prepare_model_for_kbit_training
-  leaves them (QLoRA);
+  transformers does not quantize stay in the training dtype (fp32 under fp16, which
+  methods.prepare_4bit_base upcasts);
 - trainable parameters, their gradients and the optimizer's states, in the parameters'
   dtype (peft keeps adapters in fp32) or as the 8-bit / paged optimizers keep them;
 - activations saved for backward, per decoder layer, from the shapes of the layer's tensors
@@ -37,7 +37,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from peftcli import methods, models
+from peftcli import cpu_embedding, methods, models
 from peftcli.recipe import Recipe
 
 GIB = 2**30
@@ -59,6 +59,16 @@ PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")  # states in CUDA managed memo
 def is_4bit(recipe: Recipe) -> bool:
     """Whether the recipe loads its base in 4-bit (the qlora method implies it)."""
     return recipe.model.load_in_4bit or recipe.method.name == "qlora"
+
+
+def optimizer_for(train, *, cuda: bool) -> str:
+    """The optimizer train.optim: auto resolves to: fused AdamW on a GPU, AdamW on a CPU; under the lean
+    profile on a GPU, bitsandbytes' 8-bit AdamW (a quarter of the states' memory: 0.23 GiB at 8B, r=16)."""
+    if train.optim != "auto":
+        return train.optim
+    if not cuda:
+        return "adamw_torch"
+    return "adamw_bnb_8bit" if train.profile == "lean" else "adamw_torch_fused"
 
 
 def training_dtype(recipe: Recipe):
@@ -283,6 +293,7 @@ class SpeedPath:
     liger_kernels: bool = False  # liger's RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy
     fused_lora: bool = False
     offload_activations: bool = False  # the checkpointed layers' inputs in CPU memory
+    offload_embeddings: bool = False  # the input embedding table in CPU memory (cpu_embedding)
 
 
 @dataclass(frozen=True)
@@ -333,7 +344,7 @@ def shape_of(config) -> Shape | None:
 # Bytes saved for backward per token and decoder layer, by setup. Measured against the tensors
 # autograd holds (tests/test_params.py on the CPU, tests/test_gpu_memory.py on a GPU); the terms,
 # for a Llama layer:
-#   residual stream: bf16, or fp32 on a 4-bit base (prepare_model_for_kbit_training upcasts the
+#   residual stream: bf16, or fp32 on a 4-bit base trained in fp16 (methods.prepare_4bit_base upcasts the
 #            embeddings, and 4-bit layers return their input's dtype);
 #   norms:   transformers' RMSNorm keeps an fp32 copy of its input and the fp32 1/rms per token (+ the
 #            bf16 normalized input for the weight's gradient when the norm trains); liger's keeps its
@@ -346,13 +357,12 @@ def shape_of(config) -> Shape | None:
 #   frozen linear layers keep nothing (a frozen weight needs no input for its gradient);
 #   trained linear layers keep their inputs (full fine-tuning).
 # The adapters' own terms are in AdaptedLayer.
-def layer_bytes(shape: Shape, setup: str, *, liger: bool = False, mask_length: int = 0) -> int:
+def layer_bytes(shape: Shape, setup: str, *, liger: bool = False, mask_length: int = 0, residual: int = 2) -> int:
     """Bytes per token one decoder layer keeps for backward, adapters aside; `mask_length`: the row
-    length when attention gets a mask."""
+    length when attention gets a mask; `residual`: bytes per element of the residual stream (residual_bytes)."""
     if shape.family == "gpt2":
         return _gpt2_layer_bytes(shape, setup, mask_length)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    residual = residual_bytes(setup)
     norms = 2 * (residual * h + 4 if liger else 4 * h + 4)
     keys = q if mask_length else kv  # k and v, repeated to every head under a mask
     attention = 2 * q + 2 * keys + 2 * keys + 2 * q + 4 * shape.heads + 2 * mask_length
@@ -362,9 +372,10 @@ def layer_bytes(shape: Shape, setup: str, *, liger: bool = False, mask_length: i
     return norms + attention + mlp
 
 
-def residual_bytes(setup: str) -> int:
-    """Bytes per element of the residual stream: fp32 on a 4-bit base prepared for training."""
-    return 4 if setup == "adapter_4bit" else 2
+def residual_bytes(setup: str, dtype) -> int:
+    """Bytes per element of the residual stream when training in `dtype`: fp32 on a 4-bit base whose
+    unquantized weights methods.prepare_4bit_base upcasts (fp16 training), else 16-bit."""
+    return 4 if setup == "adapter_4bit" and methods.upcasts_4bit_base(dtype) else 2
 
 
 def _gpt2_layer_bytes(shape: Shape, setup: str, mask_length: int) -> int:
@@ -381,21 +392,21 @@ def _gpt2_layer_bytes(shape: Shape, setup: str, mask_length: int) -> int:
     return saved
 
 
-def head_bytes(shape: Shape, setup: str, *, liger: bool = False) -> int:
+def head_bytes(shape: Shape, setup: str, *, liger: bool = False, residual: int = 2) -> int:
     """Bytes per token kept after the last layer: the final norm's (and, when the head trains without
     liger, the norm's and the head's bf16 inputs). liger's loss keeps no input (see loss_bytes)."""
     if liger:
-        return residual_bytes(setup) * shape.hidden + 4
+        return residual * shape.hidden + 4
     kept = 4 * shape.hidden + (8 if shape.family == "gpt2" else 4)
     return kept + (4 * shape.hidden if setup == "full" else 0)
 
 
-def checkpoint_bytes(shape: Shape, setup: str) -> int:
+def checkpoint_bytes(shape: Shape, residual: int = 2) -> int:
     """Bytes per token gradient checkpointing keeps per layer: the layer's input, the residual stream."""
-    return shape.hidden * residual_bytes(setup)
+    return shape.hidden * residual
 
 
-def loss_bytes(shape: Shape, setup: str, tokens: int, *, liger: bool = False) -> int:
+def loss_bytes(shape: Shape, setup: str, tokens: int, *, liger: bool = False, residual: int = 2) -> int:
     """Bytes the output head and the loss hold at their peak, at the end of the forward.
 
     transformers upcasts the logits to fp32; at the start of backward the fp32 log-softmax, its
@@ -403,16 +414,16 @@ def loss_bytes(shape: Shape, setup: str, tokens: int, *, liger: bool = False) ->
     liger's fused linear + cross-entropy never holds the logits: it computes the gradient of its
     input during the forward and keeps it for backward (in the input's dtype), with the fp32 loss per
     token and one chunk of bf16 logits at a time (liger_chunk_rows). Modelled from liger-kernel
-    0.8.5's source (ops/fused_linear_cross_entropy.py): liger does not run on a CPU, so unlike the
-    rest this term awaits a GPU check.
+    0.8.5's source (ops/fused_linear_cross_entropy.py); liger does not run on a CPU, so this term is
+    checked by tests/test_gpu_memory.py only.
 
-    On a 4-bit base the head is fp32 and autocast casts it to bf16 for its matmul: transformers keeps
-    that copy for backward, liger makes one per chunk. A trained head (full fine-tuning) gets its
-    gradient during liger's forward."""
-    head_copy = 2 * shape.vocab * shape.hidden if setup == "adapter_4bit" else 0
+    On a 4-bit base upcast to fp32 (residual 4) the head is fp32 and autocast casts it to bf16 for its
+    matmul: transformers keeps that copy for backward, liger makes one per chunk. A trained head (full
+    fine-tuning) gets its gradient during liger's forward."""
+    head_copy = 2 * shape.vocab * shape.hidden if setup == "adapter_4bit" and residual == 4 else 0
     if not liger:
         return LOSS_BYTES_PER_LOGIT * shape.vocab * tokens + head_copy
-    input_gradient = residual_bytes(setup) * shape.hidden * tokens
+    input_gradient = residual * shape.hidden * tokens
     head_gradient = 2 * shape.vocab * shape.hidden if setup == "full" else 0
     chunk = 2 * liger_chunk_rows(tokens, shape) * shape.vocab
     return input_gradient + 4 * tokens + chunk + head_copy + head_gradient
@@ -488,14 +499,14 @@ def adapted_layers(model) -> list[AdaptedLayer]:
     return found
 
 
-def takes_fused_path(layer: AdaptedLayer, setup: str, path: SpeedPath) -> bool:
+def takes_fused_path(layer: AdaptedLayer, setup: str, path: SpeedPath, residual: int = 2) -> bool:
     """Whether the fused LoRA function computes `layer` in `setup`. It takes activations in the compute
-    dtype only (fused_lora._plain_adapter): a 4-bit base prepared for training feeds its layers fp32 (the
-    residual stream, and 4-bit layers return their input's dtype), all but the attention's output under
-    sdpa, which autocast made bf16 (varlen returns its fp32 input's dtype)."""
+    dtype only (fused_lora._plain_adapter): a 4-bit base upcast to fp32 (residual 4) feeds its layers fp32
+    (the residual stream, and 4-bit layers return their input's dtype), all but the attention's output
+    under sdpa, which autocast made bf16 (varlen returns its fp32 input's dtype)."""
     if not (path.fused_lora and layer.fusable) or setup == "full":
         return False
-    if setup == "adapter_4bit":
+    if residual == 4:
         return layer.fused_input()[1] == KEPT_BY_ATTENTION and path.attention != "varlen"
     return True
 
@@ -607,6 +618,11 @@ class Estimate:
     def bytes(self) -> int:
         return self.peak()
 
+    def static_bytes(self) -> int:
+        """What the recipe's own setup holds whatever the step: weights, adapter, optimizer states, overhead."""
+        s = self.setups[self.selected]
+        return s.weights + s.trainable + s.optimizer + s.overhead
+
     def as_dict(self) -> dict:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "tokens": self.step.tokens,
                 "rows": self.step.rows, "optimizer": self.optimizer, "speed": asdict(self.path),
@@ -623,13 +639,15 @@ class Census:
     frozen: list[tuple[int, bool]]  # (numel, 4-bit quantizable) of each base parameter
     trained: list[tuple[tuple, int]]  # (shape, bytes per element) of each adapter parameter
     adapted: list[AdaptedLayer]
+    input_embedding: int  # elements of the input embedding table when it can live in CPU memory, else 0
 
     @classmethod
     def of(cls, skeleton: Skeleton) -> Census:
         params = list(skeleton.model.parameters())
+        table = cpu_embedding.offloadable(methods.base_model(skeleton.model))
         return cls([(p.numel(), id(p) in skeleton.quantizable) for p in params if not p.requires_grad],
                    [(tuple(p.shape), p.element_size()) for p in params if p.requires_grad],
-                   adapted_layers(skeleton.model))
+                   adapted_layers(skeleton.model), table.weight.numel() if table is not None else 0)
 
 
 SETUP_LABELS = {"full": "full fine-tuning", "adapter": "{method}", "adapter_4bit": "{method}, 4-bit base"}
@@ -640,12 +658,12 @@ def estimate(recipe: Recipe, skeleton: Skeleton, *, batch_size: int, seq_len: in
     """Peak GPU memory of a training step, three ways: `batch_size` rows of `seq_len` tokens, or the
     `step` the speed settings make of them, through `path`, with the first `checkpointed` layers checkpointed."""
     shape = shape_of(skeleton.config)
-    optimizer = "adamw_torch_fused" if recipe.train.optim == "auto" else recipe.train.optim
+    optimizer = optimizer_for(recipe.train, cuda=True)
     census = Census.of(skeleton)
     step = step or Step(batch_size, seq_len)
     full = recipe.method.name == "full"  # then the skeleton's trainable parameters are the model's own
     virtual = 0 if full else virtual_tokens(skeleton.model)
-    setups = {name: _setup(name, census, shape, step, virtual, path, optimizer, training_dtype(recipe).itemsize,
+    setups = {name: _setup(name, census, shape, step, virtual, path, optimizer, training_dtype(recipe),
                            SETUP_LABELS[name].format(method=recipe.method.name), full_skeleton=full)
               for name in (("full",) if full else SETUP_LABELS)}
     selected = "full" if full else "adapter_4bit" if is_4bit(recipe) else "adapter"
@@ -677,36 +695,37 @@ def _notes(recipe: Recipe, config, shape: Shape | None, path: SpeedPath) -> list
     if path.attention not in ("varlen", "sdpa"):
         notes.append(f"{path.attention} attention is modelled as sdpa's flash kernel (eager also keeps the "
                      "attention weights: more)")
-    if path.liger_kernels:
-        notes.append("liger's loss buffers are modelled from liger-kernel 0.8.5's source, not yet measured on a GPU")
     return notes
 
 
 def _setup(name: str, census: Census, shape: Shape | None, step: Step, virtual: int, path: SpeedPath,
-           optimizer: str, dtype_bytes: int, label: str, full_skeleton: bool = False) -> Setup:
+           optimizer: str, dtype, label: str, full_skeleton: bool = False) -> Setup:
+    dtype_bytes, residual = dtype.itemsize, residual_bytes(name, dtype)
     if full_skeleton:  # method full: what it trains is what trains; frozen modules (trainable_modules) stay weights
         weights, trained = sum(numel for numel, _ in census.frozen) * dtype_bytes, census.trained
     elif name == "full":
         weights, trained = 0, [((numel,), dtype_bytes) for numel, _ in census.frozen]
     else:
         trained = census.trained
-        weights = (_4bit_weight_bytes(census.frozen) if name == "adapter_4bit"
+        weights = (_4bit_weight_bytes(census.frozen, residual) if name == "adapter_4bit"
                    else sum(numel for numel, _ in census.frozen) * dtype_bytes)
+        if path.offload_embeddings:  # an unquantized table, in the training dtype (or upcast: the residual's)
+            weights -= census.input_embedding * (residual if name == "adapter_4bit" else dtype_bytes)
     trainable = sum(math.prod(s) * b for s, b in trained)
     variants = {opt: optimizer_bytes(opt, trained) for opt in OPTIMIZERS}
     return Setup(label, weights=weights, trainable=trainable, gradients=trainable,
                  optimizer=0 if optimizer in PAGED else optimizer_bytes(optimizer, trained),
-                 optimizer_variants=variants, memory=_activations(name, shape, census, step, virtual, path))
+                 optimizer_variants=variants, memory=_activations(name, shape, census, step, virtual, path, residual))
 
 
-def _4bit_weight_bytes(frozen: list[tuple[int, bool]]) -> int:
+def _4bit_weight_bytes(frozen: list[tuple[int, bool]], unquantized_bytes: int = 2) -> int:
     """NF4 with double quantization for the layers transformers quantizes (per weight: 4 bits
-    each, an 8-bit absmax per block, an fp32 absmax per 256 blocks and an fp32 offset); fp32
-    for the rest, as prepare_model_for_kbit_training upcasts them."""
+    each, an 8-bit absmax per block, an fp32 absmax per 256 blocks and an fp32 offset); the rest
+    in the training dtype, or fp32 where methods.prepare_4bit_base upcasts them."""
     total = 0
     for numel, quantizable in frozen:
         if not quantizable:
-            total += 4 * numel
+            total += unquantized_bytes * numel
             continue
         blocks = math.ceil(numel / NF4_BLOCK)
         total += math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_BLOCKS_PER_ABSMAX2) + 4
@@ -731,25 +750,26 @@ def optimizer_bytes(optimizer: str, trained: list[tuple]) -> int:
 
 
 def _activations(setup: str, shape: Shape | None, census: Census, step: Step, virtual: int,
-                 path: SpeedPath) -> Activations:
-    """The setup's activations for `step` through the speed path."""
+                 path: SpeedPath, residual: int) -> Activations:
+    """The setup's activations for `step` through the speed path; `residual`: residual_bytes."""
     if shape is None:
         return NO_ACTIVATIONS
     tokens = step.tokens + (0 if setup == "full" else step.rows * virtual)
     adapted = [] if setup == "full" else census.adapted
-    fused = {a.name for a in adapted if takes_fused_path(a, setup, path)}
+    fused = {a.name for a in adapted if takes_fused_path(a, setup, path, residual)}
     inside, outside = adapter_bytes_per_token(adapted, fused)
     # autocast's bf16 copies of the fp32 adapter weights peft's forward uses, kept for backward
     # (the fused function casts its own and keeps none)
     copied = sum(math.prod(s) for s, _ in census.trained) - sum(a.adapter_params for a in adapted if a.name in fused)
     liger = path.liger_kernels and shape.family == "llama"
     mask = step.length if step.masked else 0
-    per_layer = layer_bytes(shape, setup, liger=liger, mask_length=mask) + inside / shape.layers
+    per_layer = layer_bytes(shape, setup, liger=liger, mask_length=mask, residual=residual) + inside / shape.layers
     return Activations(
         layers=shape.layers, per_layer=math.ceil(per_layer * tokens),
-        checkpoint=checkpoint_bytes(shape, setup) * tokens, offload=path.offload_activations,
-        head=(head_bytes(shape, setup, liger=liger) + outside) * tokens + (0 if setup == "full" else 2 * copied),
-        loss=loss_bytes(shape, setup, tokens, liger=liger),
+        checkpoint=checkpoint_bytes(shape, residual) * tokens, offload=path.offload_activations,
+        head=(head_bytes(shape, setup, liger=liger, residual=residual) + outside) * tokens
+        + (0 if setup == "full" else 2 * copied),
+        loss=loss_bytes(shape, setup, tokens, liger=liger, residual=residual),
         working=BACKWARD_BYTES_PER_INTERMEDIATE * shape.intermediate * tokens)
 
 

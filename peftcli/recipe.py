@@ -414,7 +414,8 @@ class TrainSection(Section):
     max_grad_norm: Real = Field(1.0, gt=0, description="gradient clipping norm")
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit",
                    "paged_adamw_32bit", "adafactor", "sgd"] = Field(
-        "auto", description="optimizer; auto = fused AdamW on a GPU, AdamW on CPU")
+        "auto", description="optimizer; auto = fused AdamW on a GPU (bitsandbytes' 8-bit AdamW under the lean "
+                            "profile), AdamW on CPU")
     seed: Annotated[int, Field(strict=True)] = Field(42, description="seed for initialisation, data order and dropout")
     logging_steps: PositiveInt = Field(5, description="log the training loss every N steps")
     eval_steps: PositiveInt | None = Field(None, description="evaluate every N steps (always at the end when there is eval data)")
@@ -432,11 +433,18 @@ class TrainSection(Section):
     max_tokens_per_batch: PositiveInt | None = Field(
         None, description="token budget of a packed batch; null = batch_size × the mean example length, so a step "
                           "holds about batch_size examples")
+    micro_batches: Annotated[Union[Literal["auto"], PositiveInt], BeforeValidator(_not_bool)] = Field(
+        "auto", description="split each packed batch into this many micro-batches whose gradients accumulate: the "
+                            "same tokens per optimizer step, a fraction of the activations; auto = 1 for fast; lean splits "
+                            "until the activations take at most a quarter of the model's own memory")
     max_memory_gib: Real | None = Field(
         None, gt=0, description="GPU memory the fast profile plans within when choosing gradient checkpointing; "
                                 "null = 90% of the GPU")
     offload_activations: FlagOrAuto = Field(
         "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile")
+    offload_embeddings: FlagOrAuto = Field(
+        "auto", description="keep the input embedding table in CPU memory and look tokens up there (GPU only; an "
+                            "untied table that does not train); auto = on for the lean profile")
     liger_kernels: FlagOrAuto = Field(
         "auto", description="liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy (no full logits); "
                             "auto = on a GPU with liger-kernel installed, for the architectures it supports")

@@ -7,11 +7,13 @@ returns the Trainer's train dataset and collator. `train.profile` picks the defa
 | setting (recipe key)                         | fast (default)                      | lean                     |
 |----------------------------------------------|-------------------------------------|--------------------------|
 | padding-free packing (`train.packing`)       | on with varlen attention            | same                     |
+| micro-batches per packed batch (`train.micro_batches`) | 1                         | until activations ≤ ¼ of the model's memory |
 | varlen attention (`model.attn_implementation`) | on a GPU, Llama-family models      | same                     |
 | liger kernels (`train.liger_kernels`)        | on a GPU when installed             | same                     |
 | fused LoRA (`train.fused_lora`)              | on for LoRA with dropout 0          | same                     |
 | checkpointing (`train.gradient_checkpointing`) | only layers that do not fit in `train.max_memory_gib` | every layer |
 | activation offload (`train.offload_activations`) | off                             | on a GPU                 |
+| input embeddings in CPU memory (`train.offload_embeddings`) | off                  | on a GPU, untied, frozen |
 
 The layers to checkpoint are chosen with params' memory estimate (the one `peft count-params`
 shows), made for the run's largest step through these settings; `estimate_on_a_gpu` resolves the
@@ -24,7 +26,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field, replace
 
-from peftcli import fused_lora, methods, packing, params, varlen
+from peftcli import cpu_embedding, fused_lora, methods, packing, params, varlen
 from peftcli.errors import UserError
 
 GIB = 2**30
@@ -32,6 +34,8 @@ GIB = 2**30
 # layers pass position_ids and the collator's sequence bounds through to the attention function.
 VARLEN_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DEFAULT_MEMORY_FRACTION = 0.9  # of the GPU, when train.max_memory_gib is not set
+# lean splits packed batches until the activations' peak is at most this share of the model's own memory
+LEAN_ACTIVATION_SHARE = 0.25
 
 
 @dataclass
@@ -41,33 +45,43 @@ class SpeedPlan:
     profile: str
     device: str
     packing: bool
-    tokens_per_batch: int | None  # the token budget of a packed batch
-    batches: list[list[int]] | None  # train example indices of each packed batch
+    tokens_per_batch: int | None  # the token budget of a packed micro-batch
+    batches: list[list[int]] | None  # train example indices of each packed micro-batch
     attention: str | None  # attn_implementation to set; None keeps the model's
     liger: bool
     fused_lora: bool
     layers: int
     checkpointed: int  # decoder layers whose activations are recomputed in backward
     offload: bool
+    offload_embeddings: bool
     compile: bool
     memory_budget_gib: float | None = None
     estimated_peak_gib: float | None = None  # on a GPU: the estimate the checkpointing was chosen by
     memory: params.Estimate | None = None  # the run's memory estimate (report.json has it on any device)
+    micro_batches: int = 1  # packed micro-batches per batch, their gradients accumulated
     fused_layers: int = field(default=0)  # set by prepare
 
     def describe(self) -> dict:
         checkpointing = "off" if not self.checkpointed else f"{self.checkpointed}/{self.layers} layers"
         return {
             "profile": self.profile,
-            "packing": f"on, {self.tokens_per_batch:,} tokens per batch" if self.packing else "off",
+            "packing": self._packing(),
             "attention": self.attention or "model default",
             "liger_kernels": self.liger,
             "fused_lora": f"{self.fused_layers} layers" if self.fused_layers else self.fused_lora,
             "gradient_checkpointing": checkpointing + (", offloaded to CPU" if self.offload else ""),
+            "input_embeddings": "CPU memory" if self.offload_embeddings else "GPU memory",
             "compile": self.compile,
             "memory_budget_gib": None if self.memory_budget_gib is None else round(self.memory_budget_gib, 1),
             "estimated_peak_gib": None if self.estimated_peak_gib is None else round(self.estimated_peak_gib, 1),
         }
+
+    def _packing(self) -> str:
+        if not self.packing:
+            return "off"
+        if self.micro_batches == 1:
+            return f"on, {self.tokens_per_batch:,} tokens per batch"
+        return f"on, {self.micro_batches} micro-batches of {self.tokens_per_batch:,} tokens per batch"
 
 
 def plan(recipe, model, train_data, device: str) -> SpeedPlan:
@@ -77,42 +91,79 @@ def plan(recipe, model, train_data, device: str) -> SpeedPlan:
     lengths = [len(ids) for ids in train_data["input_ids"]]
     machine = Machine.here(device, base)
     path = resolve_path(recipe, base, machine)
-    budget = batches = None
-    if path.packing:
-        budget = t.max_tokens_per_batch or packing.default_budget(lengths, t.batch_size)
-        if budget < max(lengths):
-            raise UserError(f"train.max_tokens_per_batch ({budget}) is below the longest example ({max(lengths)} tokens)",
-                            where="train.max_tokens_per_batch", hint="raise it, or lower data.max_length")
-        batches = packing.token_budget_batches(lengths, budget)
-    memory = params.estimate(recipe, params.build_skeleton(recipe), batch_size=t.batch_size, seq_len=max(lengths),
-                             step=_run_step(path, lengths, batches, t.batch_size, device), path=path)
-    layers = len(decoder_layers(base))
-    memory, budget_gib = choose_checkpointing(memory, t, machine, layers)
+    skeleton, layers = params.build_skeleton(recipe), len(decoder_layers(base))
+    whole = t.max_tokens_per_batch or packing.default_budget(lengths, t.batch_size)
+    if not path.packing and t.micro_batches not in ("auto", 1):
+        raise UserError("micro-batches split a packed batch, and this run does not pack", where="train.micro_batches",
+                        hint="set train.packing: true, or lower batch_size and raise grad_accum")
+
+    def planned(micro: int):
+        batches = packing.token_budget_batches(lengths, whole // micro) if path.packing else None
+        memory = params.estimate(recipe, skeleton, batch_size=t.batch_size, seq_len=max(lengths),
+                                 step=_run_step(path, lengths, batches, t.batch_size, device), path=path)
+        return (*choose_checkpointing(memory, t, machine, layers), batches)
+
+    micro, (memory, budget_gib, batches) = fit_micro_batches(t, path, whole, max(lengths), planned)
     attention = recipe.model.attn_implementation
     return SpeedPlan(
-        profile=t.profile, device=device, packing=path.packing, tokens_per_batch=budget, batches=batches,
-        attention=varlen.NAME if path.attention == "varlen" else (None if attention == "auto" else attention),
+        profile=t.profile, device=device, packing=path.packing, tokens_per_batch=whole // micro if path.packing else None,
+        batches=batches, attention=varlen.NAME if path.attention == "varlen" else (None if attention == "auto" else attention),
         liger=path.liger_kernels, fused_lora=path.fused_lora, layers=layers, checkpointed=memory.checkpointed,
-        offload=memory.path.offload_activations, compile=t.compile, memory_budget_gib=budget_gib,
-        estimated_peak_gib=memory.peak() / GIB if device == "cuda" else None, memory=memory)
+        offload=memory.path.offload_activations, offload_embeddings=path.offload_embeddings, compile=t.compile,
+        memory_budget_gib=budget_gib, estimated_peak_gib=memory.peak() / GIB if device == "cuda" else None,
+        memory=memory, micro_batches=micro)
 
 
 def estimate_on_a_gpu(recipe, skeleton, *, batch_size: int, seq_len: int) -> params.Estimate:
     """The memory of `recipe` as `peft train` would run it on a CUDA GPU (Machine.assumed_gpu), every
-    example `seq_len` tokens long: packed into the token budget, or `batch_size` full rows."""
+    example `seq_len` tokens long: packed into the token budget (in micro-batches), or `batch_size` full rows."""
     t = recipe.train
     base = methods.base_model(skeleton.model)
     machine = Machine.assumed_gpu(base)
     path = resolve_path(recipe, base, machine)
-    step = params.Step(batch_size, seq_len)
-    if path.packing:  # packing.default_budget of examples all seq_len long
-        step = params.Step(1, t.max_tokens_per_batch or batch_size * seq_len, masked=path.attention != "varlen")
-    memory = params.estimate(recipe, skeleton, batch_size=batch_size, seq_len=seq_len, step=step, path=path)
-    memory, budget_gib = choose_checkpointing(memory, t, machine, len(decoder_layers(base)))
+    layers = len(decoder_layers(base))
+    whole = t.max_tokens_per_batch or batch_size * seq_len  # packing.default_budget of examples all seq_len long
+
+    def planned(micro: int):
+        step = (params.Step(1, whole // micro, masked=path.attention != "varlen") if path.packing
+                else params.Step(batch_size, seq_len))
+        memory = params.estimate(recipe, skeleton, batch_size=batch_size, seq_len=seq_len, step=step, path=path)
+        return choose_checkpointing(memory, t, machine, layers)
+
+    _, (memory, budget_gib) = fit_micro_batches(t, path, whole, seq_len, planned)
     if t.profile == "fast" and t.gradient_checkpointing == "auto" and budget_gib is None:
         memory.notes.append("fast profile: no layer is checkpointed unless the GPU's memory is short; "
                             "set train.max_memory_gib to plan within a GPU's memory")
     return memory
+
+
+def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, planned) -> tuple[int, tuple]:
+    """The micro-batches per packed batch of `budget` tokens, and `planned(micro)` (its estimate first) for them.
+
+    fast: 1. lean: the fewest (1, 2, 4, ...) whose activations stay within LEAN_ACTIVATION_SHARE of the
+    memory the model itself takes (weights, adapter, optimizer): halving a step halves its activations but
+    costs speed (more, smaller steps), so lean splits only where activations are a large part of the peak.
+    Never so many that one micro-batch cannot hold the longest example; unpacked runs are not split (their
+    batches split with batch_size and grad_accum)."""
+    if not path.packing:
+        return 1, planned(1)
+    if budget < longest:
+        raise UserError(f"train.max_tokens_per_batch ({budget}) is below the longest example ({longest} tokens)",
+                        where="train.max_tokens_per_batch", hint="raise it, or lower data.max_length")
+    if t.micro_batches != "auto":
+        if budget // t.micro_batches < longest:
+            raise UserError(f"{t.micro_batches} micro-batches of {budget:,} tokens cannot hold the longest example "
+                            f"({longest} tokens)", where="train.micro_batches",
+                            hint="use fewer micro-batches, or raise train.max_tokens_per_batch")
+        return t.micro_batches, planned(t.micro_batches)
+    micro, result = 1, planned(1)
+    while t.profile == "lean" and budget // (2 * micro) >= longest:
+        memory = result[0]
+        if memory.peak() - memory.static_bytes() <= LEAN_ACTIVATION_SHARE * memory.static_bytes():
+            break
+        micro *= 2
+        result = planned(micro)
+    return micro, result
 
 
 def _run_step(path, lengths: list[int], batches, batch_size: int, device: str) -> params.Step:
@@ -143,6 +194,8 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
         apply_liger_kernel(model, None)
     speed.fused_layers = fused_lora.install(model) if speed.fused_lora else 0
     checkpoint_layers(base, speed.checkpointed, offload=speed.offload)
+    if speed.offload_embeddings:
+        cpu_embedding.offload(base)
     if speed.compile:
         for layer in decoder_layers(base):
             layer.compile(dynamic=True)
@@ -205,7 +258,8 @@ def resolve_path(recipe, base, machine: Machine) -> params.SpeedPath:
     return params.SpeedPath(profile=t.profile, packing=packed, attention=attention,
                             liger_kernels=_resolve_liger(t.liger_kernels, base, machine),
                             fused_lora=_resolve_fused_lora(t.fused_lora, recipe.method),
-                            offload_activations=_resolve_offload(t.offload_activations, t.profile, machine))
+                            offload_activations=_resolve_offload(t.offload_activations, t.profile, machine),
+                            offload_embeddings=_resolve_embedding_offload(t.offload_embeddings, t.profile, base, machine))
 
 
 def supports_packing(base) -> bool:
@@ -270,6 +324,18 @@ def _resolve_offload(setting, profile: str, machine: Machine) -> bool:
     """Offloading moves GPU activations to CPU memory; on a CPU there is nothing to move."""
     wanted = profile == "lean" if setting == "auto" else setting
     return wanted and machine.device == "cuda"
+
+
+def _resolve_embedding_offload(setting, profile: str, base, machine: Machine) -> bool:
+    if setting == "auto":
+        return profile == "lean" and machine.device == "cuda" and cpu_embedding.offloadable(base) is not None
+    if setting and machine.device != "cuda":
+        raise UserError("the embedding table is already in CPU memory on a CPU", where="train.offload_embeddings",
+                        hint="set it to auto or false")
+    if setting and cpu_embedding.offloadable(base) is None:
+        raise UserError("only an input embedding that does not train and is not tied to the output head can live "
+                        "in CPU memory", where="train.offload_embeddings", hint="set it to auto or false")
+    return setting
 
 
 # ---------------------------------------------------------------------------------------

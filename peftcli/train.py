@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from peftcli import data as data_mod
-from peftcli import distributed, methods, models, report
+from peftcli import distributed, methods, models, params, report
 from peftcli import speed as speed_mod
 from peftcli.errors import Interrupted, RunFailure, UserError
 from peftcli.recipe import Recipe
@@ -37,7 +37,12 @@ class Plan:
     def steps(self) -> int:
         packed = self.speed.batches
         return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size(),
-                               batches=len(packed) if packed else None)
+                               batches=len(packed) if packed else None, micro_batches=self.speed.micro_batches)
+
+    @property
+    def accumulation(self) -> int:
+        """Batches whose gradients make one optimizer step: grad_accum, each split into micro-batches."""
+        return self.recipe.train.grad_accum * self.speed.micro_batches
 
     def trainable_params(self) -> tuple[int, int]:
         return methods.trainable_parameters(self.model)
@@ -59,14 +64,15 @@ def check_runtime(recipe: Recipe, device: str) -> None:
                         hint="set model.load_in_4bit: false to train in 16/32-bit, or run on a GPU machine")
 
 
-def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1, batches: int | None = None) -> int:
-    """Optimizer steps the Trainer will run, counted as it counts them: `batches` per epoch (packed, or
-    batch_size examples each) dealt round-robin to the processes."""
+def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1, batches: int | None = None,
+                    micro_batches: int = 1) -> int:
+    """Optimizer steps the Trainer will run, counted as it counts them: `batches` per epoch (packed
+    micro-batches, or batch_size examples each) dealt round-robin to the processes."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
     batches = math.ceil((batches or math.ceil(examples / t.batch_size)) / processes)
-    per_epoch = max(math.ceil(batches / t.grad_accum), 1)
+    per_epoch = max(math.ceil(batches / (t.grad_accum * micro_batches)), 1)
     return math.ceil((t.epochs or 1) * per_epoch)
 
 
@@ -150,10 +156,10 @@ def training_arguments(plan: Plan, run: RunDir):
         # into run.checkpoints once complete and keeps the newest save_total_limit (so not here).
         output_dir=str(checkpoints.staging(run.checkpoints)),
         per_device_train_batch_size=1 if plan.speed.packing else t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=plan.accumulation,
         learning_rate=t.lr, num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=_optimizer(t.optim, cuda), seed=t.seed, data_seed=t.seed,
+        max_grad_norm=t.max_grad_norm, optim=params.optimizer_for(t, cuda=cuda), seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if periodic_eval else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
@@ -164,12 +170,6 @@ def training_arguments(plan: Plan, run: RunDir):
         log_level="error", log_level_replica="error",
         **distributed.trainer_options(plan.recipe.distributed, plan.model),
     )
-
-
-def _optimizer(name: str, cuda: bool) -> str:
-    if name == "auto":
-        return "adamw_torch_fused" if cuda else "adamw_torch"
-    return name
 
 
 def build_trainer(plan: Plan, run: RunDir, console):
@@ -322,8 +322,6 @@ def save_adapter(plan: Plan, run: RunDir, trainer) -> None:
 def memory_estimate(plan: Plan) -> dict:
     """peft count-params' estimate for this run: its largest step through its speed settings, with the
     layers the plan checkpoints (speed.plan made it)."""
-    from peftcli import params
-
     return params.report_estimate(plan.speed.memory)
 
 

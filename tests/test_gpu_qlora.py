@@ -94,15 +94,13 @@ def test_qlora_trains_a_4bit_llama_and_the_loss_falls(qlora_run):
 
 
 def test_the_qlora_adapter_reloads_onto_a_4bit_base_with_the_same_logits(qlora_run):
-    from peft import prepare_model_for_kbit_training
-
     plan, _, run = qlora_run
     ids = torch.tensor([plan.train_data[0]["input_ids"]], device="cuda")
     recipe = plan.recipe
     base = models.load_model(recipe.model.base, dtype=plan.dtype, **methods.loading_options(recipe, plan.dtype))
-    # Compare like with like: training kept norms and embeddings in fp32 (QLoRA's preparation), ran the
-    # speed plan's kernels, and the Trainer's mixed precision may have left an autocast on the forward.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # Compare like with like: training prepared the 4-bit base (methods.prepare_4bit_base), ran the speed
+    # plan's kernels, and the Trainer's mixed precision may have left an autocast on the forward.
+    base = methods.prepare_4bit_base(base)
     reloaded = methods.load_adapter(base, run.adapter).eval()
     speed.prepare(plan.speed, reloaded, plan.train_data, None)  # the kernels training ran: fused LoRA, liger, varlen
     plan.model.eval()

@@ -204,7 +204,8 @@ JSON_KEYS = {
     "adapter_file": ["dtype", "tensors", "bytes"],
     "memory": ["batch_size", "seq_len", "tokens", "rows", "optimizer", "speed", "layers", "checkpointed_layers",
                "gradient_checkpointing", "selected", "estimate_bytes", "estimate_gib", "setups", "notes"],
-    "memory.speed": ["profile", "packing", "attention", "liger_kernels", "fused_lora", "offload_activations"],
+    "memory.speed": ["profile", "packing", "attention", "liger_kernels", "fused_lora", "offload_activations",
+                     "offload_embeddings"],
     "memory.setups.*": ["label", "weights", "trainable", "gradients", "optimizer", "optimizer_variants", "activations",
                         "activations_checkpointed", "activations_per_layer", "logits", "overhead", "total",
                         "total_checkpointed", "total_planned"],
@@ -271,16 +272,17 @@ def layer_folders(tmp_path_factory):
     return one_and_two_layer_llamas(tmp_path_factory.mktemp("layers"), **LAYER_SHAPE)
 
 
-def bf16_peft_model(recipe, path: params.SpeedPath, checkpointed: int = 0):
-    """The recipe's model as peft train prepares it for the path: bf16 (or 4-bit, quantized by bitsandbytes
-    on the CPU), the adapter, fused LoRA, the first `checkpointed` layers checkpointed."""
+def prepared_model(recipe, path: params.SpeedPath, checkpointed: int = 0):
+    """The recipe's model as peft train prepares it for the path: in its training dtype (or 4-bit, quantized
+    by bitsandbytes on the CPU), the adapter, fused LoRA, the first `checkpointed` layers checkpointed."""
+    dtype = params.training_dtype(recipe)
     if params.is_4bit(recipe):
-        model = models.load_model(recipe.model.base, dtype=torch.bfloat16, device_map="cpu",
+        model = models.load_model(recipe.model.base, dtype=dtype, device_map="cpu",
                                   quantization_config=BitsAndBytesConfig(
                                       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16))
+                                      bnb_4bit_compute_dtype=dtype))
     else:
-        model = models.load_model(recipe.model.base, dtype=torch.bfloat16)
+        model = models.load_model(recipe.model.base, dtype=dtype)
     torch.manual_seed(0)
     model = methods.attach(model, recipe.method).train()
     if path.fused_lora:
@@ -291,13 +293,13 @@ def bf16_peft_model(recipe, path: params.SpeedPath, checkpointed: int = 0):
 
 def kept_bytes(recipe, path, step: params.Step, checkpointed: int = 0) -> int:
     """Bytes autograd keeps for one forward of `step`'s tokens (the last row padded when the step is masked)."""
-    model = bf16_peft_model(recipe, path, checkpointed)
+    model = prepared_model(recipe, path, checkpointed)
     torch.manual_seed(1)
     ids = torch.randint(0, LAYER_SHAPE["vocab_size"], (step.rows, step.length))
     mask = torch.ones_like(ids)
     if step.masked:
         mask[-1, step.length // 2:] = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=params.training_dtype(recipe)):
         kept, _ = kept_for_backward(lambda: model(input_ids=ids, attention_mask=mask, labels=ids).loss,
                                     exclude=list(model.parameters()))
     return kept
@@ -314,14 +316,17 @@ def autocast_copies_per_layer(recipe, path) -> int:
     the head, for all layers at once): bytes for one layer's adapters that do not take the fused path."""
     setup = "adapter_4bit" if params.is_4bit(recipe) else "adapter"
     layers = params.adapted_layers(params.build_skeleton(recipe).model)
-    return sum(2 * a.adapter_params for a in layers if a.in_block and not params.takes_fused_path(a, setup, path)) // 2
+    residual = params.residual_bytes(setup, params.training_dtype(recipe))
+    fused = {a.name for a in layers if params.takes_fused_path(a, setup, path, residual)}
+    return sum(2 * a.adapter_params for a in layers if a.in_block and a.name not in fused) // 2
 
 
 LAYER_CASES = {  # method dropout, model fields, rows padded
     "peft's forward, dropout": (0.1, {}, False),
     "fused LoRA": (0.0, {}, False),
     "fused LoRA, padded rows (sdpa gets a mask)": (0.0, {}, True),
-    "4-bit base, fused LoRA where it runs": (0.0, {"load_in_4bit": True}, False),
+    "4-bit base, fused LoRA": (0.0, {"load_in_4bit": True}, False),
+    "4-bit base trained in fp16, fused LoRA where it runs": (0.0, {"load_in_4bit": True, "dtype": "float16"}, False),
 }
 
 
@@ -340,22 +345,29 @@ def test_a_decoder_layer_keeps_what_the_estimate_says(case, layer_folders):
     assert measured == pytest.approx(expected, rel=1e-3), case
 
 
-def test_on_a_4bit_base_the_fused_path_runs_where_the_estimate_says(layer_folders, monkeypatch):
-    """A prepared 4-bit base feeds its layers fp32, which the fused function leaves to peft; only o_proj,
-    reading sdpa's bf16 output, is fused. The estimate must know which layers keep what."""
-    recipe = recipe_for(layer_folders[2], dropout=0.0, load_in_4bit=True)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_on_a_4bit_base_the_fused_path_runs_where_the_estimate_says(dtype, layer_folders, monkeypatch):
+    """A bf16 4-bit base keeps its residual stream in bf16: every projection takes the fused path. Under
+    fp16 the unquantized weights are upcast to fp32, which the fused function leaves to peft; only o_proj,
+    reading sdpa's 16-bit output, is fused. The estimate must know which layers keep what."""
+    recipe = recipe_for(layer_folders[2], dropout=0.0, load_in_4bit=True, dtype=dtype)
     path = params.SpeedPath(fused_lora=True)
-    model = bf16_peft_model(recipe, path)
+    model = prepared_model(recipe, path)
     calls = []
     apply = fused_lora.LoraLinearFunction.apply
     monkeypatch.setattr(fused_lora.LoraLinearFunction, "apply", lambda *args: calls.append(args[3]) or apply(*args))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=getattr(torch, dtype)):
         model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
     owners = {id(module.base_layer): name for name, module in model.named_modules() if hasattr(module, "base_layer")}
     ran_fused = {owners[id(base)] for base in calls}  # LoraLinearFunction.apply(x, a, b, base, scaling)
-    predicted = {a.name for a in params.adapted_layers(params.build_skeleton(recipe).model)
-                 if params.takes_fused_path(a, "adapter_4bit", path)}
-    assert ran_fused == predicted and predicted and all(name.endswith("o_proj") for name in predicted)
+    residual = params.residual_bytes("adapter_4bit", getattr(torch, dtype))
+    adapted = params.adapted_layers(params.build_skeleton(recipe).model)
+    predicted = {a.name for a in adapted if params.takes_fused_path(a, "adapter_4bit", path, residual)}
+    assert ran_fused == predicted
+    if dtype == "bfloat16":
+        assert predicted == {a.name for a in adapted if a.in_block}  # all 7 projections of the layers
+    else:
+        assert predicted and all(name.endswith("o_proj") for name in predicted)
 
 
 def kept_by_a_planned_run(folder: Path, lengths: list[int]) -> tuple[int, params.Estimate]:

@@ -2,6 +2,7 @@
 the plan resolves `auto` as documented, and the memory estimate matches what the GPU measured."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,36 @@ def test_on_a_cpu_auto_settings_resolve_to_the_cpu_applicable_ones():
     assert packed.steps == 3 and packed.speed.describe()["packing"] == "on, 600 tokens per batch"
 
 
+def test_micro_batches_split_each_packed_batch_and_accumulate():
+    whole = plan_for(llama_recipe(packing=True, max_tokens_per_batch=600))
+    split = plan_for(llama_recipe(packing=True, max_tokens_per_batch=600, micro_batches=2))
+    lengths = [len(ids) for ids in split.train_data["input_ids"]]
+    assert (whole.speed.micro_batches, split.speed.micro_batches, split.accumulation) == (1, 2, 2)
+    assert split.speed.tokens_per_batch == 300 and all(sum(lengths[i] for i in b) <= 300 for b in split.speed.batches)
+    assert sorted(i for b in split.speed.batches for i in b) == list(range(len(lengths)))
+    assert split.speed.describe()["packing"] == "on, 2 micro-batches of 300 tokens per batch"
+    assert split.speed.memory.step.tokens <= 300 < whole.speed.memory.step.tokens  # estimated per micro-batch
+
+
+@pytest.mark.parametrize("base, load_in_4bit, micro", [
+    ("builtin:llama-8b-random", False, 1),  # activations at 8,192 tokens, checkpointed: ~10% of 15 GiB of model
+    ("builtin:llama-8b-random", True, 2),  # the same activations next to 5.5 GiB of a 4-bit model
+    ("builtin:llama-1b-random", False, 2),  # next to 2.4 GiB of a 1B model
+])
+def test_lean_splits_only_where_activations_are_a_large_part_of_the_peak(base, load_in_4bit, micro):
+    lean = gpu_estimate(base, profile="lean", load_in_4bit=load_in_4bit)
+    assert lean.step.tokens == 4 * 2048 // micro
+    activations = lean.peak() - lean.static_bytes()
+    assert activations <= speed.LEAN_ACTIVATION_SHARE * lean.static_bytes()
+    if micro > 1:  # one micro-batch fewer would not have been lean enough
+        fewer = gpu_estimate(base, profile="lean", load_in_4bit=load_in_4bit, micro_batches=micro // 2)
+        assert fewer.peak() - fewer.static_bytes() > speed.LEAN_ACTIVATION_SHARE * fewer.static_bytes()
+
+
 @pytest.mark.parametrize("train, where", [
     ({"packing": True, "max_tokens_per_batch": 16}, "train.max_tokens_per_batch"),
+    ({"packing": True, "max_tokens_per_batch": 600, "micro_batches": 8}, "train.micro_batches"),
+    ({"packing": False, "micro_batches": 2}, "train.micro_batches"),
     ({"liger_kernels": True}, "train.liger_kernels"),
 ])
 def test_settings_this_run_cannot_have_are_refused(train, where):
@@ -110,9 +139,9 @@ def test_checkpointing_changes_memory_not_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def gpu_estimate(base: str, *, batch_size=4, seq_len=2048, targets=PROJECTIONS, **train):
+def gpu_estimate(base: str, *, batch_size=4, seq_len=2048, targets=PROJECTIONS, load_in_4bit=False, **train):
     """count-params' estimate: the recipe as peft train would run it on a CUDA GPU."""
-    recipe = validate_recipe({"model": {"base": base}, "method": {"r": 16, "alpha": 32, "dropout": 0.0,
+    recipe = validate_recipe({"model": {"base": base, "load_in_4bit": load_in_4bit}, "method": {"r": 16, "alpha": 32, "dropout": 0.0,
                                                                    "target_modules": targets}, "train": train},
                              base_dir=ROOT)
     return speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=batch_size, seq_len=seq_len)
@@ -159,7 +188,7 @@ def demo_runs(tmp_path_factory):
     common = {"epochs": 2, "lr": 3e-3, "max_steps": None, "logging_steps": 1}
     recipes = {
         "plain": llama_recipe(packing=False, fused_lora=False, gradient_checkpointing=False, **common),
-        "optimised": llama_recipe(packing=True, profile="lean", **common),
+        "optimised": llama_recipe(packing=True, profile="lean", micro_batches=2, **common),
     }
     runs = {}
     for name, recipe in recipes.items():
@@ -182,5 +211,5 @@ def test_the_optimisations_learn_what_the_plain_path_learns(demo_runs):
 def test_the_optimised_run_used_them_and_ran_the_planned_steps(demo_runs):
     plan, result = demo_runs["optimised"]
     assert plan.speed.packing and plan.speed.fused_layers == 14 and plan.speed.checkpointed == 2
-    assert result["training"]["steps"] == plan.steps == 2 * len(plan.speed.batches)
+    assert result["training"]["steps"] == plan.steps == 2 * math.ceil(len(plan.speed.batches) / plan.accumulation)
     assert result["speed"] == plan.speed.describe()  # the report records what ran

@@ -54,26 +54,40 @@ def loading_options(recipe, dtype) -> dict:
             "device_map": {"": local_gpu}}
 
 
-def attach(model, method, *, steps: int | None = None, gradient_checkpointing: bool = False):
+def attach(model, method, *, steps: int | None = None):
     """`model` wrapped as a PeftModel with a fresh adapter; only the adapter is trainable (with
-    method full, the model itself with its chosen parameters trainable).
-
-    A 4-bit base is first prepared for training as QLoRA does (norms in fp32, input gradients
-    for checkpointing)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    method full, the model itself with its chosen parameters trainable)."""
+    from peft import get_peft_model
 
     if method.name == "full":
         return full.prepare(model, method)
     if method.name == "mixed":
         return mixed.attach(model, method.components, component_configs(method, model, steps=steps))
     config = peft_config(method, model, steps=steps)
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_4bit_base(model)
     peft_model = get_peft_model(model, config)
     if method.name in LORA_FAMILY:
         lora.after_attach(peft_model, method)
     return peft_model
+
+
+def prepare_4bit_base(model):
+    """A 4-bit base as QLoRA trains it. peft's prepare_model_for_kbit_training upcasts the weights left
+    unquantized (embeddings, norms, head) to fp32, which keeps fp16 training stable; a bf16 base keeps
+    them in bf16, as bf16 has fp32's range: the upcast would double the residual stream's activations
+    and the head's memory, and feed the projections fp32, which the fused LoRA path does not take."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) and upcasts_4bit_base(model.get_input_embeddings().weight.dtype):
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def upcasts_4bit_base(dtype) -> bool:
+    """Whether a 4-bit base whose unquantized weights are in `dtype` gets them upcast to fp32 (prepare_4bit_base)."""
+    import torch
+
+    return dtype == torch.float16
 
 
 def component_configs(method, model, *, steps: int | None = None) -> list:
