@@ -95,8 +95,6 @@ def no_traceback(output: str) -> bool:
     return "Traceback" not in output
 
 
-
-
 def save_adapter(path: Path, base: str, config, *, noise: float = 0.05, seed: int = 0) -> Path:
     """An adapter made with peft's own API on `base` (any PeftConfig) and saved like a trained one:
     its trainable weights moved off their initial values (LoRA's B starts at zero), tokenizer beside."""
@@ -189,3 +187,16 @@ def one_and_two_layer_llamas(root: Path, **shape) -> dict[int, Path]:
         AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **shape)).to(
             torch.bfloat16).save_pretrained(root / str(layers))
     return {layers: root / str(layers) for layers in (1, 2)}
+
+
+def gpu_estimate(base: str, *, batch_size=4, seq_len=2048, targets=None, load_in_4bit=False, **train):
+    """count-params' estimate of LoRA r=16 (dropout 0, on the 7 projections unless `targets`): the recipe as
+    peft train would run it on a CUDA GPU."""
+    from peftcli import params, speed
+    from peftcli.bench import PROJECTIONS
+    from peftcli.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"base": base, "load_in_4bit": load_in_4bit},
+                              "method": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": targets or PROJECTIONS},
+                              "train": train}, base_dir=ROOT)
+    return speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=batch_size, seq_len=seq_len)

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from conftest import ROOT
-from peftcli import cpu_embedding, methods, models, params, speed
+from conftest import ROOT, gpu_estimate
+from peftcli import cpu_embedding, methods, models
+from peftcli.bench import PROJECTIONS
 from peftcli.errors import UserError
 from peftcli.recipe import validate_recipe
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lora_model(base: str, targets=PROJECTIONS):
@@ -42,21 +41,15 @@ def test_only_a_frozen_untied_plain_table_is_offloadable():
     assert cpu_embedding.offloadable(training) is None
 
 
-def gpu_estimate(**train):
-    recipe = validate_recipe({"model": {"base": "builtin:llama-8b-random"},
-                              "method": {"r": 16, "dropout": 0.0, "target_modules": PROJECTIONS}, "train": train},
-                             base_dir=ROOT)
-    return speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=4, seq_len=2048)
-
-
 def test_lean_on_a_gpu_counts_the_table_out_of_the_gpu_weights():
-    lean, kept = gpu_estimate(profile="lean"), gpu_estimate(profile="lean", offload_embeddings=False)
+    lean = gpu_estimate("builtin:llama-8b-random", profile="lean")
+    kept = gpu_estimate("builtin:llama-8b-random", profile="lean", offload_embeddings=False)
     assert lean.path.offload_embeddings and not kept.path.offload_embeddings
     assert kept.setups["adapter"].weights - lean.setups["adapter"].weights == 128256 * 4096 * 2  # bf16 table
     assert kept.setups["adapter_4bit"].weights - lean.setups["adapter_4bit"].weights == 128256 * 4096 * 2
-    assert not gpu_estimate().path.offload_embeddings  # fast keeps it on the GPU
-    tied = validate_recipe({"model": {"base": "builtin:llama-1b-random"}, "train": {"profile": "lean"}}, base_dir=ROOT)
-    assert not speed.estimate_on_a_gpu(tied, params.build_skeleton(tied), batch_size=1, seq_len=64).path.offload_embeddings
+    assert not gpu_estimate("builtin:llama-8b-random").path.offload_embeddings  # fast keeps it on the GPU
+    tied = gpu_estimate("builtin:llama-1b-random", batch_size=1, seq_len=64, profile="lean")
+    assert not tied.path.offload_embeddings
 
 
 def test_asking_for_it_where_it_cannot_be_is_refused():

@@ -7,8 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from peftcli import fused_lora, models
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from peftcli.bench import PROJECTIONS
 
 
 @pytest.fixture

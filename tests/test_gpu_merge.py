@@ -16,11 +16,10 @@ from safetensors.torch import save_file
 from conftest import write_run
 from peftcli import models
 from peftcli.adapters import find_adapter, load_tokenizer
+from peftcli.bench import PROJECTIONS
 from peftcli.merge import TOLERANCES, logits, merge_adapter, write_merged
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_lora_run(root, base: str, *, r: int = 16, b_std: float = 0.01, seed: int = 0, **model_section):

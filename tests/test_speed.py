@@ -10,15 +10,14 @@ import torch
 from rich.console import Console
 from transformers import DataCollatorForSeq2Seq
 
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, gpu_estimate, tiny_recipe
 from peftcli import params, speed, varlen
+from peftcli.bench import PROJECTIONS
 from peftcli.errors import UserError
 from peftcli.packing import PackedCollator
 from peftcli.recipe import validate_recipe
 from peftcli.rundir import RunDir
 from peftcli.train import build_plan, run_training
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def llama_recipe(**train):
@@ -137,14 +136,6 @@ def test_checkpointing_changes_memory_not_gradients():
     layers = speed.decoder_layers(plans[1].model.get_base_model())
     assert [layer.gradient_checkpointing for layer in layers] == [True, True]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-
-
-def gpu_estimate(base: str, *, batch_size=4, seq_len=2048, targets=PROJECTIONS, load_in_4bit=False, **train):
-    """count-params' estimate: the recipe as peft train would run it on a CUDA GPU."""
-    recipe = validate_recipe({"model": {"base": base, "load_in_4bit": load_in_4bit}, "method": {"r": 16, "alpha": 32, "dropout": 0.0,
-                                                                   "target_modules": targets}, "train": train},
-                             base_dir=ROOT)
-    return speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=batch_size, seq_len=seq_len)
 
 
 def test_count_params_assumes_what_peft_train_runs_on_a_gpu():
