@@ -349,7 +349,25 @@ def main() -> None:
     quiet_libraries()
     # Batches of varying length fragment the CUDA caching allocator; growable segments avoid that.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    app(prog_name="peft")
+    counting = sys.argv[1:2] == ["count-params"]
+    if counting:
+        # count-params counts a 4-bit base arithmetically on the meta device and runs no bitsandbytes
+        # kernel, while importing it (which peft does when it can) compiles kernels for 0.8 s: hidden,
+        # peft takes it as missing, which changes no count of an unquantized meta model.
+        sys.modules.setdefault("bitsandbytes", None)
+    try:
+        app(prog_name="peft")
+    except SystemExit as done:
+        if counting:  # it wrote nothing: end without the interpreter's teardown of torch (about 1 s)
+            exit_now(done.code)
+        raise
+
+
+def exit_now(code) -> None:
+    """End the process with `code` as sys.exit would, without running the interpreter's teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

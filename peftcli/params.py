@@ -98,7 +98,7 @@ def build_skeleton(recipe: Recipe) -> Skeleton:
     if getattr(method, "init", None) in ("pissa", "olora", "loftq"):  # initial values computed from the
         method = method.model_copy(update={"init": "default"})  # weights: none here, and no shape changes
     with torch.device("meta"):  # peft creates the adapter where the default device says: here, nowhere
-        model = methods.attach(base, method)
+        model = methods.attach(base, method, empty=True)
     return Skeleton(config, model, quantizable)
 
 
