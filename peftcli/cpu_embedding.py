@@ -31,7 +31,15 @@ class CpuEmbedding(torch.nn.Embedding):
         return self
 
     def forward(self, input_ids):
-        return super().forward(input_ids.to("cpu")).to(input_ids.device)
+        if input_ids.device.type == "cpu":
+            return super().forward(input_ids)
+        # The ids come back at the cost of a wait for the GPU, which the step's first mask computation
+        # makes anyway. The rows are gathered into page-locked memory, so their copy to the GPU runs
+        # asynchronously and at full bus speed: from pageable memory it would be staged, and block.
+        ids = input_ids.to("cpu").flatten()
+        rows = torch.empty(ids.numel(), self.embedding_dim, dtype=self.weight.dtype, pin_memory=True)
+        torch.index_select(self.weight, 0, ids, out=rows)
+        return rows.to(input_ids.device, non_blocking=True).view(*input_ids.shape, self.embedding_dim)
 
 
 def offload(base) -> None:

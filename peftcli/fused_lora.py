@@ -22,34 +22,39 @@ import torch
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ with W (and b) frozen; W comes from `base` at each use."""
+    """y = x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ with W (and b) frozen; W comes from `base` at each use.
+
+    The low-rank term is computed first (a rank-r product) and the base matmul adds onto it in
+    cuBLAS's epilogue (addmm with beta 1), where reading it is hidden behind the matmul's compute;
+    adding it afterwards would be one more pass over the output. Backward does the same for x's
+    gradient. The scaling is applied to the r-wide tensors, never to an activation-sized one."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling):
         flat = x.reshape(-1, x.shape[-1])
-        bias = None if base.bias is None else base.bias.to(x.dtype)
-        out = torch.nn.functional.linear(flat, dense_weight(base, x.dtype), bias)
-        low = flat @ lora_a.to(x.dtype).t()
-        out.addmm_(low, lora_b.to(x.dtype).t(), alpha=scaling)
+        low = (flat @ lora_a.to(x.dtype).t()).mul_(scaling)  # s·x·Aᵀ, r wide
+        up = lora_b.to(x.dtype).t()
+        out = low @ up if base.bias is None else torch.addmm(base.bias.to(x.dtype), low, up)
+        out.addmm_(flat, dense_weight(base, x.dtype).t())
         ctx.save_for_backward(x, lora_a, lora_b, low)
-        ctx.base, ctx.scaling = base, scaling
+        ctx.base = base
+        ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_a, lora_b, low = ctx.saved_tensors
-        scaling = ctx.scaling
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
-        grad_low = grad @ lora_b.to(x.dtype)  # the gradient reaching x·Aᵀ, unscaled
+        grad_low = (grad @ lora_b.to(x.dtype)).mul_(ctx.scaling)  # the gradient reaching x·Aᵀ
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ dense_weight(ctx.base, x.dtype)
-            grad_x.addmm_(grad_low, lora_a.to(x.dtype), alpha=scaling)
+            grad_x = grad_low @ lora_a.to(x.dtype)
+            grad_x.addmm_(grad, dense_weight(ctx.base, x.dtype))
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_a = (grad_low.t() @ x.reshape(-1, x.shape[-1])).mul_(scaling).to(lora_a.dtype)
+            grad_a = (grad_low.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (grad.t() @ low).mul_(scaling).to(lora_b.dtype)
+            grad_b = (grad.t() @ low).to(lora_b.dtype)
         return grad_x, grad_a, grad_b, None, None
 
 

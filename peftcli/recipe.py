@@ -435,13 +435,14 @@ class TrainSection(Section):
                           "holds about batch_size examples")
     micro_batches: Annotated[Union[Literal["auto"], PositiveInt], BeforeValidator(_not_bool)] = Field(
         "auto", description="split each packed batch into this many micro-batches whose gradients accumulate: the "
-                            "same tokens per optimizer step, a fraction of the activations; auto = 1 for fast; lean splits "
-                            "until the activations take at most a quarter of the model's own memory")
+                            "same tokens per optimizer step, a fraction of the activations; auto = as few as fit in max_memory_gib; "
+                            "lean also splits until the activations take at most a quarter of the model's own memory")
     max_memory_gib: Real | None = Field(
-        None, gt=0, description="GPU memory the fast profile plans within when choosing gradient checkpointing; "
-                                "null = 90% of the GPU")
+        None, gt=0, description="GPU memory a run plans within, giving up speed cheapest first: checkpointed layers, their "
+                                "inputs offloaded, smaller micro-batches; null = 90% of the GPU")
     offload_activations: FlagOrAuto = Field(
-        "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile")
+        "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile, and for "
+                            "fast when checkpointing every layer does not fit in max_memory_gib")
     offload_embeddings: FlagOrAuto = Field(
         "auto", description="keep the input embedding table in CPU memory and look tokens up there (GPU only; an "
                             "untied table that does not train); auto = on for the lean profile")

@@ -7,14 +7,16 @@ returns the Trainer's train dataset and collator. `train.profile` picks the defa
 | setting (recipe key)                         | fast (default)                      | lean                     |
 |----------------------------------------------|-------------------------------------|--------------------------|
 | padding-free packing (`train.packing`)       | on with varlen attention            | same                     |
-| micro-batches per packed batch (`train.micro_batches`) | 1                         | until activations ≤ ¼ of the model's memory |
+| micro-batches per packed batch (`train.micro_batches`) | 1, halved until the step fits `train.max_memory_gib` | also until activations ≤ ¼ of the model's memory |
 | varlen attention (`model.attn_implementation`) | on a GPU, Llama-family models      | same                     |
 | liger kernels (`train.liger_kernels`)        | on a GPU when installed             | same                     |
 | fused LoRA (`train.fused_lora`)              | on for LoRA with dropout 0          | same                     |
 | checkpointing (`train.gradient_checkpointing`) | only layers that do not fit in `train.max_memory_gib` | every layer |
-| activation offload (`train.offload_activations`) | off                             | on a GPU                 |
+| activation offload (`train.offload_activations`) | when checkpointing every layer does not fit | on a GPU     |
 | input embeddings in CPU memory (`train.offload_embeddings`) | off                  | on a GPU, untied, frozen |
 
+Within the memory budget (`train.max_memory_gib`, else 90% of the GPU) fast gives up speed step by
+step, cheapest first: checkpointed layers, then their inputs offloaded, then smaller micro-batches.
 The layers to checkpoint are chosen with params' memory estimate (the one `peft count-params`
 shows), made for the run's largest step through these settings; `estimate_on_a_gpu` resolves the
 same settings as a CUDA GPU would, for count-params.
@@ -99,9 +101,10 @@ def plan(recipe, model, train_data, device: str) -> SpeedPlan:
 
     def planned(micro: int):
         batches = packing.token_budget_batches(lengths, whole // micro) if path.packing else None
-        memory = params.estimate(recipe, skeleton, batch_size=t.batch_size, seq_len=max(lengths),
-                                 step=_run_step(path, lengths, batches, t.batch_size, device), path=path)
-        return (*choose_checkpointing(memory, t, machine, layers), batches)
+        step = _run_step(path, lengths, batches, t.batch_size, device)
+        return (*fit_checkpointing(lambda p: params.estimate(recipe, skeleton, batch_size=t.batch_size,
+                                                              seq_len=max(lengths), step=step, path=p),
+                                   path, t, machine, layers), batches)
 
     micro, (memory, budget_gib, batches) = fit_micro_batches(t, path, whole, max(lengths), planned)
     attention = recipe.model.attn_implementation
@@ -127,8 +130,8 @@ def estimate_on_a_gpu(recipe, skeleton, *, batch_size: int, seq_len: int) -> par
     def planned(micro: int):
         step = (params.Step(1, whole // micro, masked=path.attention != "varlen") if path.packing
                 else params.Step(batch_size, seq_len))
-        memory = params.estimate(recipe, skeleton, batch_size=batch_size, seq_len=seq_len, step=step, path=path)
-        return choose_checkpointing(memory, t, machine, layers)
+        return fit_checkpointing(lambda p: params.estimate(recipe, skeleton, batch_size=batch_size, seq_len=seq_len,
+                                                          step=step, path=p), path, t, machine, layers)
 
     _, (memory, budget_gib) = fit_micro_batches(t, path, whole, seq_len, planned)
     if t.profile == "fast" and t.gradient_checkpointing == "auto" and budget_gib is None:
@@ -140,11 +143,12 @@ def estimate_on_a_gpu(recipe, skeleton, *, batch_size: int, seq_len: int) -> par
 def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, planned) -> tuple[int, tuple]:
     """The micro-batches per packed batch of `budget` tokens, and `planned(micro)` (its estimate first) for them.
 
-    fast: 1. lean: the fewest (1, 2, 4, ...) whose activations stay within LEAN_ACTIVATION_SHARE of the
-    memory the model itself takes (weights, adapter, optimizer): halving a step halves its activations but
-    costs speed (more, smaller steps), so lean splits only where activations are a large part of the peak.
-    Never so many that one micro-batch cannot hold the longest example; unpacked runs are not split (their
-    batches split with batch_size and grad_accum)."""
+    The fewest (1, 2, 4, ...) whose estimate fits the memory budget, every layer checkpointed if need be:
+    halving a step halves its activations but costs speed (more, smaller steps). lean also splits until
+    the activations stay within LEAN_ACTIVATION_SHARE of the memory the model itself takes (weights,
+    adapter, optimizer), where they are a large part of the peak. Never so many that one micro-batch
+    cannot hold the longest example; unpacked runs are not split (their batches split with batch_size
+    and grad_accum)."""
     if not path.packing:
         return 1, planned(1)
     if budget < longest:
@@ -157,13 +161,20 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
                             hint="use fewer micro-batches, or raise train.max_tokens_per_batch")
         return t.micro_batches, planned(t.micro_batches)
     micro, result = 1, planned(1)
-    while t.profile == "lean" and budget // (2 * micro) >= longest:
-        memory = result[0]
-        if memory.peak() - memory.static_bytes() <= LEAN_ACTIVATION_SHARE * memory.static_bytes():
-            break
+    while budget // (2 * micro) >= longest and _worth_splitting(t.profile, *result[:2]):
         micro *= 2
         result = planned(micro)
     return micro, result
+
+
+def _worth_splitting(profile: str, memory: params.Estimate, budget_gib: float | None) -> bool:
+    if over_budget(memory, budget_gib):
+        return True
+    return profile == "lean" and memory.peak() - memory.static_bytes() > LEAN_ACTIVATION_SHARE * memory.static_bytes()
+
+
+def over_budget(memory: params.Estimate, budget_gib: float | None) -> bool:
+    return budget_gib is not None and memory.peak() / GIB > budget_gib
 
 
 def _run_step(path, lengths: list[int], batches, batch_size: int, device: str) -> params.Step:
@@ -340,6 +351,18 @@ def _resolve_embedding_offload(setting, profile: str, base, machine: Machine) ->
 
 # ---------------------------------------------------------------------------------------
 # Gradient checkpointing, by profile and memory
+
+
+def fit_checkpointing(estimate, path: params.SpeedPath, t, machine: Machine, layers: int
+                      ) -> tuple[params.Estimate, float | None]:
+    """choose_checkpointing on `estimate(path)`; where even every layer checkpointed exceeds the budget and
+    train.offload_activations is auto, again with the checkpointed layers' inputs in CPU memory (their
+    copies overlap with compute: fewer layers may then need recomputing)."""
+    memory, budget = choose_checkpointing(estimate(path), t, machine, layers)
+    if (over_budget(memory, budget) and memory.checkpointed and not path.offload_activations
+            and t.offload_activations == "auto"):
+        memory, budget = choose_checkpointing(estimate(replace(path, offload_activations=True)), t, machine, layers)
+    return memory, budget
 
 
 def choose_checkpointing(memory: params.Estimate, t, machine: Machine, layers: int

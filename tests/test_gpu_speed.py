@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli import bench, fused_lora, methods, speed, varlen
+from peftcli import bench, cpu_embedding, fused_lora, methods, packing, params, speed, varlen
 from peftcli.models import random_config
 from peftcli.packing import PackedCollator
 
@@ -115,49 +115,78 @@ def check_fused_lora_matches_peft(model, device: str):
         assert worst_error(g, e) <= 0.05 * e.abs().max().item() + 1e-6
 
 
-def check_fast_path_learns_like_the_plain_path(device: str, size: str, steps: int = 3):
-    """The standard workload's model, adapter and rows: the default fast path (packing, varlen attention, liger,
-    fused LoRA) and the plain one (padded batches, sdpa, peft's layers) train on the same groups of 4 rows;
-    their losses agree within 1% at every step. The plain path runs first: liger patches RoPE globally."""
+def check_profiles_learn_like_the_plain_path(device: str, size: str, steps: int = 25):
+    """The standard workload's model, adapter and rows: the fast profile (packing, varlen attention, liger, fused
+    LoRA), the lean one (the same, split into micro-batches by memory, checkpointed layers, its optimizer) and
+    the plain path (padded batches, sdpa, peft's layers, AdamW) train on the same groups of 4 rows; their
+    losses agree within 1% at every step to the last. The plain path runs first: liger patches RoPE globally."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    recipe = bench.standard_recipe(size, qlora=False, steps=steps)
-    rows = bench.standard_rows(random_config(bench.SIZES[size]).vocab_size)[:4 * steps]
+    vocab = random_config(bench.SIZES[size]).vocab_size
+    rows = bench.standard_rows(vocab)[:4 * steps]
     examples = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows]
     groups = [list(range(i, i + 4)) for i in range(0, len(rows), 4)]
     pad = DataCollatorForSeq2Seq(bench._placeholder_tokenizer(), padding=True, label_pad_token_id=-100)
-    losses = {}
-    for path in ("plain", "fast"):
+    losses, splits = {}, {}
+    for path in ("plain", "fast", "lean"):
+        recipe = bench.standard_recipe(size, qlora=False, steps=steps,
+                                       overrides=[f"train.profile={'lean' if path == 'lean' else 'fast'}"])
         model, _ = bench._standard_model(bench.Workload("standard", recipe, size=size), device)
         set_seed(recipe.train.seed)
         model = methods.attach(model, recipe.method)
-        collate = pad
-        if path == "fast":
+        if path == "plain":
+            model.get_base_model().config.use_cache = False
+            steps_batches = [[pad([examples[i] for i in g])] for g in groups]
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.train.lr)
+        else:
             plan = speed.plan(recipe, model, Dataset.from_list(examples), device)
             assert plan.packing and plan.liger and plan.attention == varlen.NAME and plan.fused_lora
             _, collate = speed.prepare(plan, model, examples, pad)
             assert plan.fused_layers == 7 * model.config.num_hidden_layers
-            batches = [collate([{"pack": g}]) for g in groups]
-        else:
-            model.get_base_model().config.use_cache = False
-            batches = [collate([examples[i] for i in g]) for g in groups]
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.train.lr)
+            steps_batches = [[collate([{"pack": [g[j] for j in micro]}])
+                              for micro in packing.token_budget_batches([len(rows[i]) for i in g], plan.tokens_per_batch)]
+                             for g in groups]
+            splits[path] = (plan.micro_batches, plan.checkpointed, params.optimizer_for(recipe.train, cuda=True))
+            optimizer = optimizer_named(splits[path][2], [p for p in model.parameters() if p.requires_grad],
+                                        recipe.train.lr)
         model.train()
-        losses[path] = []
-        for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device, dtype=torch.bfloat16):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses[path].append(loss.item())
+        losses[path] = [train_step(model, optimizer, micro_batches, device) for micro_batches in steps_batches]
         del model, optimizer
         torch.cuda.empty_cache()
-    assert all(math.isfinite(x) for x in losses["fast"])
-    for plain, fast in zip(losses["plain"], losses["fast"]):
-        assert fast == pytest.approx(plain, rel=0.01), losses
+    assert splits["lean"][0] > 1 and splits["lean"][1] > 0, splits  # lean did split and checkpoint
+    for path in ("fast", "lean"):
+        assert all(math.isfinite(x) for x in losses[path])
+        for plain, other in zip(losses["plain"], losses[path]):
+            assert other == pytest.approx(plain, rel=0.01), (path, splits, losses)
+    print(f"step {steps} loss: plain {losses['plain'][-1]:.4f}, fast {losses['fast'][-1]:.4f}, "
+          f"lean {losses['lean'][-1]:.4f} ({splits['lean']})")
+
+
+def optimizer_named(name: str, trainable, lr: float):
+    """The optimizer `peft train` resolves train.optim to on a GPU."""
+    if name == "adamw_bnb_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(trainable, lr=lr)
+    assert name == "adamw_torch_fused", name
+    return torch.optim.AdamW(trainable, lr=lr, fused=True)
+
+
+def train_step(model, optimizer, micro_batches, device: str) -> float:
+    """One optimizer step over micro-batches, each loss weighted by its share of the step's predicted tokens
+    (as the Trainer does with num_items_in_batch); returns the step's loss."""
+    counts = [int((b["labels"][..., 1:] != -100).sum()) for b in micro_batches]
+    total = 0.0
+    for batch, count in zip(micro_batches, counts):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(**batch).loss * (count / sum(counts))
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 def test_varlen_attention_equals_per_sequence_sdpa_forward_and_backward():
@@ -183,5 +212,19 @@ def test_fused_lora_matches_peft_on_a_4bit_base(tmp_path):
     check_fused_lora_matches_peft(lora(model), "cuda")
 
 
-def test_the_fast_path_loss_equals_the_plain_path_on_the_standard_workload():
-    check_fast_path_learns_like_the_plain_path("cuda", "1b")
+def test_the_fast_and_lean_losses_equal_the_plain_path_on_the_standard_workload():
+    check_profiles_learn_like_the_plain_path("cuda", "1b")
+
+
+def test_an_embedding_table_in_cpu_memory_gives_the_gpu_the_same_rows():
+    """The rows gathered on the CPU and copied asynchronously equal the GPU table's lookup, and the
+    next computation on them sees the copied values (the copy is ordered before it on the stream)."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(5000, 256, dtype=torch.bfloat16).requires_grad_(False)
+    on_cpu = cpu_embedding.CpuEmbedding(5000, 256, _weight=table.weight.detach().clone(), _freeze=True)
+    on_gpu = table.to("cuda")
+    for _ in range(3):  # pinned buffers are reused by then: each lookup still sees its own rows
+        ids = torch.randint(0, 5000, (2, 3000), device="cuda")
+        rows = on_cpu(ids)
+        assert rows.device.type == "cuda" and rows.shape == (2, 3000, 256)
+        assert torch.equal((rows * 2).cpu(), (on_gpu(ids) * 2).cpu())

@@ -162,6 +162,22 @@ def test_fast_checkpoints_the_fewest_layers_that_fit_the_budget():
     assert planned(10).checkpointed == 32  # nothing fits: checkpoint everything
 
 
+def test_fast_within_a_tight_budget_offloads_then_splits_before_it_gives_up():
+    """Past checkpointing every layer, fast's next steps within max_memory_gib are the checkpointed layers'
+    inputs in CPU memory, then smaller micro-batches: each only where the ones before it do not fit."""
+    def qlora_8b(**train):
+        return gpu_estimate("builtin:llama-8b-random", load_in_4bit=True, **train)
+
+    roomy = qlora_8b(max_memory_gib=24)
+    assert (roomy.path.offload_activations, roomy.step.tokens) == (False, 8192) and roomy.checkpointed < 32
+    assert qlora_8b(max_memory_gib=9, offload_activations=False, micro_batches=1).bytes > 9 * speed.GIB
+    offloaded = qlora_8b(max_memory_gib=9)  # checkpointing every layer was not enough: offloading is
+    assert offloaded.path.offload_activations and offloaded.step.tokens == 8192 and offloaded.bytes <= 9 * speed.GIB
+    assert qlora_8b(max_memory_gib=7, micro_batches=1).bytes > 7 * speed.GIB  # offloading is not enough
+    split = qlora_8b(max_memory_gib=7)
+    assert split.path.offload_activations and split.step.tokens == 4096 and split.bytes <= 7 * speed.GIB
+
+
 def test_a_run_is_estimated_at_its_largest_step():
     packed = plan_for(llama_recipe(packing=True, max_tokens_per_batch=600)).speed
     lengths = [len(ids) for ids in plan_for(llama_recipe()).train_data["input_ids"]]
