@@ -95,9 +95,6 @@ def plan(recipe, model, train_data, device: str) -> SpeedPlan:
     path = resolve_path(recipe, base, machine)
     skeleton, layers = params.build_skeleton(recipe), len(decoder_layers(base))
     whole = t.max_tokens_per_batch or packing.default_budget(lengths, t.batch_size)
-    if not path.packing and t.micro_batches not in ("auto", 1):
-        raise UserError("micro-batches split a packed batch, and this run does not pack", where="train.micro_batches",
-                        hint="set train.packing: true, or lower batch_size and raise grad_accum")
 
     def planned(micro: int):
         batches = packing.token_budget_batches(lengths, whole // micro) if path.packing else None
@@ -150,6 +147,9 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
     cannot hold the longest example; unpacked runs are not split (their batches split with batch_size
     and grad_accum)."""
     if not path.packing:
+        if t.micro_batches not in ("auto", 1):
+            raise UserError("micro-batches split a packed batch, and this run does not pack",
+                            where="train.micro_batches", hint="set train.packing: true, or lower batch_size and raise grad_accum")
         return 1, planned(1)
     if budget < longest:
         raise UserError(f"train.max_tokens_per_batch ({budget}) is below the longest example ({longest} tokens)",

@@ -119,6 +119,12 @@ def test_settings_this_run_cannot_have_are_refused(train, where):
     assert err.value.where == where
 
 
+def test_count_params_refuses_micro_batches_of_an_unpacked_run_as_train_does():
+    with pytest.raises(UserError) as err:
+        gpu_estimate("builtin:llama-1b-random", packing=False, micro_batches=2)
+    assert err.value.where == "train.micro_batches"
+
+
 def test_fused_lora_is_refused_with_dropout():
     with pytest.raises(UserError) as err:
         plan_for(tiny_recipe(train={"fused_lora": True}))
