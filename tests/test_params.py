@@ -269,9 +269,9 @@ def test_the_command_without_bitsandbytes_answers_as_the_library_with_it(config_
     assert done.returncode == 0, done.stderr
     import bitsandbytes  # noqa: F401  (this process has it, as peft train does)
 
-    recipe = recipe_for(config_dirs["llama"], "dora", load_in_4bit=True)
-    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"profile": "lean"}),
-                                       "data": recipe.data.model_copy(update={"max_length": 64})})
+    recipe = validate_recipe({"model": {"base": str(config_dirs["llama"]), "load_in_4bit": True},
+                              "method": {"name": "dora"}, "train": {"profile": "lean"}, "data": {"max_length": 64}},
+                             base_dir=ROOT)
     in_process = json.loads(json.dumps(params.account(recipe).as_dict()))
     assert json.loads(done.stdout) == in_process
 
