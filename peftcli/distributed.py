@@ -83,6 +83,15 @@ def agreed_max(value: int, device) -> int:
 
     For decisions that must be the same everywhere (stop now, skip this step): a process that
     decided alone would wait forever in the next collective."""
+    return _all_reduce(value, device, "MAX")
+
+
+def total(value: int, device) -> int:
+    """The sum of `value` over the processes, known to every process; `value` itself in one process."""
+    return _all_reduce(value, device, "SUM")
+
+
+def _all_reduce(value: int, device, op: str) -> int:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -90,5 +99,5 @@ def agreed_max(value: int, device) -> int:
     import torch
 
     tensor = torch.tensor(value, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return int(tensor.item())

@@ -618,9 +618,10 @@ class Estimate:
     def bytes(self) -> int:
         return self.peak()
 
-    def static_bytes(self) -> int:
-        """What the recipe's own setup holds whatever the step: weights, adapter, optimizer states, overhead."""
-        s = self.setups[self.selected]
+    def static_bytes(self, setup: str | None = None) -> int:
+        """What the recipe's own setup (or `setup`) holds whatever the step: weights, adapter, optimizer
+        states, overhead."""
+        s = self.setups[setup or self.selected]
         return s.weights + s.trainable + s.optimizer + s.overhead
 
     def as_dict(self) -> dict:

@@ -436,7 +436,7 @@ class TrainSection(Section):
     micro_batches: Annotated[Union[Literal["auto"], PositiveInt], BeforeValidator(_not_bool)] = Field(
         "auto", description="split each packed batch into this many micro-batches whose gradients accumulate: the "
                             "same tokens per optimizer step, a fraction of the activations; auto = as few as fit in max_memory_gib; "
-                            "lean also splits until the activations take at most a quarter of the model's own memory")
+                            "lean also splits until the activations take at most a quarter of the model's memory in 16-bit")
     max_memory_gib: Real | None = Field(
         None, gt=0, description="GPU memory a run plans within, giving up speed cheapest first: checkpointed layers, their "
                                 "inputs offloaded, smaller micro-batches; null = 90% of the GPU")

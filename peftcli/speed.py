@@ -7,7 +7,7 @@ returns the Trainer's train dataset and collator. `train.profile` picks the defa
 | setting (recipe key)                         | fast (default)                      | lean                     |
 |----------------------------------------------|-------------------------------------|--------------------------|
 | padding-free packing (`train.packing`)       | on with varlen attention            | same                     |
-| micro-batches per packed batch (`train.micro_batches`) | 1, halved until the step fits `train.max_memory_gib` | also until activations ≤ ¼ of the model's memory |
+| micro-batches per packed batch (`train.micro_batches`) | 1, halved until the step fits `train.max_memory_gib` | also until activations ≤ ¼ of the model's 16-bit memory |
 | varlen attention (`model.attn_implementation`) | on a GPU, Llama-family models      | same                     |
 | liger kernels (`train.liger_kernels`)        | on a GPU when installed             | same                     |
 | fused LoRA (`train.fused_lora`)              | on for LoRA with dropout 0          | same                     |
@@ -28,7 +28,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field, replace
 
-from peftcli import cpu_embedding, fused_lora, methods, packing, params, varlen
+from peftcli import activation_offload, cpu_embedding, fused_lora, methods, packing, params, varlen
 from peftcli.errors import UserError
 
 GIB = 2**30
@@ -36,7 +36,8 @@ GIB = 2**30
 # layers pass position_ids and the collator's sequence bounds through to the attention function.
 VARLEN_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DEFAULT_MEMORY_FRACTION = 0.9  # of the GPU, when train.max_memory_gib is not set
-# lean splits packed batches until the activations' peak is at most this share of the model's own memory
+# lean splits packed batches until the activations' peak is at most this share of the model's memory in
+# 16-bit (lean_reference_bytes)
 LEAN_ACTIVATION_SHARE = 0.25
 
 
@@ -142,8 +143,8 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
 
     The fewest (1, 2, 4, ...) whose estimate fits the memory budget, every layer checkpointed if need be:
     halving a step halves its activations but costs speed (more, smaller steps). lean also splits until
-    the activations stay within LEAN_ACTIVATION_SHARE of the memory the model itself takes (weights,
-    adapter, optimizer), where they are a large part of the peak. Never so many that one micro-batch
+    the activations stay within LEAN_ACTIVATION_SHARE of the memory the model takes in 16-bit (weights,
+    adapter, optimizer; lean_reference_bytes), where they are a large part of the peak. Never so many that one micro-batch
     cannot hold the longest example; unpacked runs are not split (their batches split with batch_size
     and grad_accum)."""
     if not path.packing:
@@ -170,7 +171,15 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
 def _worth_splitting(profile: str, memory: params.Estimate, budget_gib: float | None) -> bool:
     if over_budget(memory, budget_gib):
         return True
-    return profile == "lean" and memory.peak() - memory.static_bytes() > LEAN_ACTIVATION_SHARE * memory.static_bytes()
+    return profile == "lean" and memory.peak() - memory.static_bytes() > LEAN_ACTIVATION_SHARE * lean_reference_bytes(memory)
+
+
+def lean_reference_bytes(memory: params.Estimate) -> int:
+    """The model's memory in 16-bit, for a 4-bit base too: what a micro-batch costs in time follows its
+    parameters (each weight read, its kernels launched and, on a 4-bit base, dequantized once more per
+    micro-batch), not their storage. Measured on the 8B QLoRA workload (H100, lean): 1 × 8,192 tokens
+    10,027 tok/s at 6.36 GiB; 2 × 4,096 tokens (a quarter of the 4-bit model's own memory) 6,614 at 5.64."""
+    return memory.static_bytes("adapter" if memory.selected == "adapter_4bit" else None)
 
 
 def over_budget(memory: params.Estimate, budget_gib: float | None) -> bool:
@@ -202,7 +211,7 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
     if speed.liger:
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(model, None)
+        apply_liger_kernel(model, liger_kernel_config(model))
     speed.fused_layers = fused_lora.install(model) if speed.fused_lora else 0
     checkpoint_layers(base, speed.checkpointed, offload=speed.offload)
     if speed.offload_embeddings:
@@ -215,6 +224,16 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
     from datasets import Dataset
 
     return Dataset.from_dict({"pack": speed.batches}), packing.PackedCollator(train_data, pad_collator)
+
+
+def liger_kernel_config(model) -> dict:
+    """liger's options for this model (PreTrainedModel or PeftModel): liger swaps the forward of each decoder
+    layer's `mlp` for its SwiGLU, written for the model's own MLP; where an adapter wraps that block (the
+    parallel bottleneck adapter), the block keeps its own forward."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = decoder_layers(methods.base_model(model))
+    return {"swiglu": False} if any(isinstance(getattr(layer, "mlp", None), BaseTunerLayer) for layer in layers) else {}
 
 
 def decoder_layers(base) -> list:
@@ -260,8 +279,9 @@ def resolve_path(recipe, base, machine: Machine) -> params.SpeedPath:
     """The recipe's speed settings that change memory, each `auto` resolved for the model and machine."""
     t = recipe.train
     attention = recipe.model.attn_implementation
-    use_varlen = _varlen_possible(attention, base, machine)
-    packed = _resolve_packing(t.packing, base, use_varlen)
+    prompt_learning = recipe.method.name in methods.PROMPT_LEARNING
+    use_varlen = _varlen_possible(attention, base, machine, prompt_learning)
+    packed = _resolve_packing(t.packing, base, use_varlen, prompt_learning)
     if use_varlen and (packed or attention == "varlen"):
         attention = "varlen"
     elif attention in ("auto", "varlen"):
@@ -280,26 +300,34 @@ def supports_packing(base) -> bool:
             and "position_ids" in inspect.signature(base.forward).parameters)
 
 
-def _resolve_packing(setting, base, use_varlen: bool) -> bool:
+def _resolve_packing(setting, base, use_varlen: bool, prompt_learning: bool) -> bool:
     """auto packs only under varlen attention: sdpa and eager compute a packed row's attention
-    over the whole row (masked), which costs more than the padding it saves."""
+    over the whole row (masked), which costs more than the padding it saves. Prompt learning puts its
+    virtual tokens in front of each row, and a packed row holds several examples."""
     if setting == "auto":
-        return use_varlen and supports_packing(base)
+        return use_varlen and supports_packing(base) and not prompt_learning
+    if setting and prompt_learning:
+        raise UserError("prompt learning puts its virtual tokens in front of each row, and a packed row holds "
+                        "several examples", where="train.packing", hint="set train.packing: false (or auto)")
     if setting and not supports_packing(base):
         raise UserError(f"{type(base).__name__} cannot keep packed examples apart", where="train.packing",
                         hint="set train.packing: false (or auto)")
     return setting
 
 
-def _varlen_possible(setting: str, base, machine: Machine) -> bool:
-    """Whether the run can (auto) or must (varlen) use varlen attention."""
+def _varlen_possible(setting: str, base, machine: Machine, prompt_learning: bool) -> bool:
+    """Whether the run can (auto) or must (varlen) use varlen attention: not for prompt learning, whose
+    rows grow by virtual tokens (prefix tuning: keys and values only) after the sequence bounds are known."""
     if setting == "varlen":
         if not machine.varlen:
             raise UserError("varlen attention needs a CUDA GPU and torch.nn.attention.varlen (torch 2.9+)",
                             where="model.attn_implementation", hint="use auto or sdpa")
+        if prompt_learning:
+            raise UserError("varlen attention takes each row's own tokens, and prompt learning adds virtual ones",
+                            where="model.attn_implementation", hint="use auto or sdpa")
         return True
     return (setting == "auto" and machine.varlen and base.config.model_type in VARLEN_FAMILIES
-            and not getattr(base.config, "attention_dropout", 0.0))
+            and not getattr(base.config, "attention_dropout", 0.0) and not prompt_learning)
 
 
 def liger_supported(base) -> bool:
@@ -397,7 +425,10 @@ def checkpoint_layers(base, checkpointed: int, *, offload: bool) -> None:
     keeping their activations needs no recompute at the start of backward."""
     if not checkpointed:
         return
-    base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+    base.activation_checkpointing_enable({"use_reentrant": False})
     base.disable_input_require_grads()  # non-reentrant checkpointing needs no gradient at the embeddings
-    for layer in decoder_layers(base)[checkpointed:]:
+    layers = decoder_layers(base)
+    for layer in layers[checkpointed:]:
         layer.gradient_checkpointing = False
+    if offload:  # transformers' offload=True copies on the compute stream, which then waits (activation_offload)
+        activation_offload.enable(layers[:checkpointed])

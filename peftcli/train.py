@@ -165,7 +165,13 @@ def training_arguments(plan: Plan, run: RunDir):
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         bf16=cuda and plan.dtype == torch.bfloat16, fp16=cuda and plan.dtype == torch.float16,
         use_liger_kernel=plan.speed.liger,  # speed.prepare applies checkpointing itself, layer by layer
-        include_num_input_tokens_seen="non_padding", use_cpu=not cuda, dataloader_pin_memory=cuda,
+        liger_kernel_config=speed_mod.liger_kernel_config(plan.model) if plan.speed.liger else None,
+        # The Trainer's NaN filter and token count make the host wait for the GPU after every micro-batch,
+        # and the GPU then idles while the next step is prepared: faults.NonFiniteGuard and
+        # progress.TokensSeen do both without waiting. Batches go to the GPU from page-locked memory
+        # without a wait either.
+        logging_nan_inf_filter=False, include_num_input_tokens_seen="no", use_cpu=not cuda,
+        dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda},
         remove_unused_columns=False, label_names=["labels"], report_to=[], disable_tqdm=True,
         log_level="error", log_level_replica="error",
         **distributed.trainer_options(plan.recipe.distributed, plan.model),
@@ -177,7 +183,7 @@ def build_trainer(plan: Plan, run: RunDir, console):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from peftcli.checkpoints import PublishCheckpoints
-    from peftcli.progress import RichProgress
+    from peftcli.progress import RichProgress, TokensSeen
 
     padding = DataCollatorForSeq2Seq(plan.tokenizer, padding=True, label_pad_token_id=data_mod.IGNORE,
                                      pad_to_multiple_of=8 if plan.device == "cuda" else None)
@@ -186,6 +192,7 @@ def build_trainer(plan: Plan, run: RunDir, console):
                       eval_dataset=plan.eval_data, data_collator=collator, processing_class=plan.tokenizer)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
+    trainer.add_callback(TokensSeen())
     trainer.add_callback(RichProgress(console))
     for callback in methods.callbacks(plan.model, plan.recipe.method):
         trainer.add_callback(callback)

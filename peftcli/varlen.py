@@ -66,10 +66,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def _attend(q, k, v, cu_seqlens, max_len, scaling, causal: bool):
-    """The flash kernel takes 16-bit inputs only; fp32 states (e.g. a QLoRA model's upcast norms
-    feeding the projections outside autocast) are attended in bf16 and returned in fp32."""
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+    """The flash kernel takes q, k and v in one 16-bit dtype only; fp32 states (a QLoRA model's upcast
+    norms feeding the projections outside autocast, IA3's fp32 scaling of k and v) are attended in the
+    autocast dtype (else q's 16-bit dtype, else bf16) and returned in q's dtype."""
+    sixteen_bit = (torch.float16, torch.bfloat16)
+    if q.is_cuda and (q.dtype not in sixteen_bit or k.dtype != q.dtype or v.dtype != q.dtype):
+        if torch.is_autocast_enabled("cuda"):
+            low = torch.get_autocast_dtype("cuda")
+        else:
+            low = q.dtype if q.dtype in sixteen_bit else torch.bfloat16
         return _attend(q.to(low), k.to(low), v.to(low), cu_seqlens, max_len, scaling, causal).to(q.dtype)
     varlen_attn = kernel()
     params = _parameters()

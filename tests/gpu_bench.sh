@@ -54,7 +54,8 @@ step ours-8b-fast-24gib 90 "${OURS[@]}" --size 8b --set train.max_memory_gib=24
 step ours-8b-qlora-fast 150 "${OURS[@]}" --size 8b --qlora
 step ours-8b-qlora-lean 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean
 step ours-8b-qlora-fast-9gib 90 "${OURS[@]}" --size 8b --qlora --set train.max_memory_gib=9
-step ours-8b-qlora-fast-7gib 90 "${OURS[@]}" --size 8b --qlora --set train.max_memory_gib=7
+# The setting that trains in 6 GiB: lean in 2 micro-batches.
+step ours-8b-qlora-lean-2-micro-batches 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean --set train.micro_batches=2
 step ours-1b-fast 60 "${OURS[@]}" --size 1b
 step ours-1b-lean 60 "${OURS[@]}" --size 1b --set train.profile=lean
 step trl-1b 120 python3 .gpu/trl_baseline.py --size 1b --steps "$STEPS"

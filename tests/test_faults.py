@@ -79,3 +79,37 @@ def test_on_a_gpu_a_nan_stops_the_run_before_anything_faulty_is_saved(peft, writ
     assert f"became NaN/Inf at step {fault}" in " ".join(result.output.split())
     saved = [step for step, _ in checkpoints.complete(out / "checkpoints")]
     assert saved and max(saved) == fault - 1
+
+
+# Fused AdamW skips a faulty step on the device and the guard reads the verdict later: here at the end
+# of training, since no step logs or saves (logging_first_step logs step 1 only).
+LATE = {**EXPLODING, "optim": "adamw_torch_fused", "save_steps": None, "logging_steps": 100}
+
+
+def test_with_fused_adamw_the_faulty_updates_are_left_out_on_the_device_and_reported(tmp_path):
+    def train(steps: int, folder: str):
+        recipe = tmp_path / f"{folder}.yaml"
+        recipe.write_text(yaml.safe_dump(tiny_recipe(train={**LATE, "max_steps": steps, "on_nan": "skip_step"})))
+        result = CliRunner().invoke(app, ["train", str(recipe), "-o", str(tmp_path / folder)])
+        assert result.exit_code == 0, result.output
+        return tmp_path / folder
+
+    skipping, one_step = train(5, "skipping"), train(1, "one-step")
+    report = json.loads((skipping / "report.json").read_text())
+    assert report["training"]["skipped_steps"] == [2, 3, 4, 5]
+    final = load_file(skipping / "adapter" / "adapter_model.safetensors")
+    after_step_1 = load_file(one_step / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == after_step_1.keys()
+    for name, weight in final.items():
+        assert torch.equal(weight, after_step_1[name]), name
+
+
+def test_with_fused_adamw_a_stop_learnt_a_step_late_names_the_faulty_step(peft, write_recipe, tmp_path):
+    out = tmp_path / "out"
+    result = peft("train", write_recipe(tiny_recipe(train=LATE)), "-o", out)
+    assert result.code == 1, result
+    assert "the loss or a gradient became NaN/Inf at step 2" in " ".join(result.output.split())
+    report = json.loads((out / "report.json").read_text())
+    assert (report["status"], report["stop_reason"]) == ("failed", "NaN/Inf loss or gradient at step 2")
+    assert report["training"]["steps"] == 3  # learnt before step 3's update, which was left out too
+    assert all(math.isfinite(p["loss"]) for p in report["training"]["loss_history"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli import bench, cpu_embedding, fused_lora, methods, packing, params, speed, varlen
+from peftcli import activation_offload, bench, cpu_embedding, fused_lora, methods, packing, params, speed, varlen
 from peftcli.models import random_config
 from peftcli.packing import PackedCollator
 
@@ -228,3 +228,58 @@ def test_an_embedding_table_in_cpu_memory_gives_the_gpu_the_same_rows():
         rows = on_cpu(ids)
         assert rows.device.type == "cuda" and rows.shape == (2, 3000, 256)
         assert torch.equal((rows * 2).cpu(), (on_gpu(ids) * 2).cpu())
+
+
+def test_offloaded_checkpoints_give_the_same_gradients_and_leave_the_gpu():
+    """Checkpointed blocks whose inputs go to CPU memory on a side stream and come back ahead of backward:
+    bit-identical gradients over two backward passes in a row (as micro-batches run), and the inputs held
+    in CPU memory between forward and backward."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU())
+                                 for _ in range(6)).cuda()
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+
+    def plain_checkpoint(function, hidden):
+        return torch.utils.checkpoint.checkpoint(function, hidden, use_reentrant=False)
+
+    def forward(checkpoint):
+        hidden = x
+        for block in blocks:
+            hidden = checkpoint(block, hidden) + hidden
+        return hidden.square().mean()
+
+    def gradients(checkpoint):
+        for _ in range(2):
+            blocks.zero_grad(set_to_none=True)
+            x.grad = None
+            forward(checkpoint).backward()
+        return [x.grad.clone(), *(p.grad.clone() for p in blocks.parameters())]
+
+    def held_after_forward(checkpoint) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()
+        loss = forward(checkpoint)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # settles the blocks freed once the side stream's copies were done
+        held = torch.cuda.memory_allocated() - start
+        loss.backward()
+        return held
+
+    offload = activation_offload.StreamOffload()
+    assert all(torch.equal(a, b) for a, b in zip(gradients(plain_checkpoint), gradients(offload.checkpoint)))
+    assert offload.saved == [] and offload.waiting == 0
+    inputs = 5 * 4096 * 1024 * 4  # the float32 inputs of blocks 2-6 (block 1's is x itself)
+    assert held_after_forward(plain_checkpoint) - held_after_forward(offload.checkpoint) >= 0.9 * inputs
+
+
+def test_varlen_attends_mixed_dtypes_in_one_16_bit_dtype():
+    """IA3 scales k and v by float32 vectors: q in bf16 next to float32 k and v attends as all-bf16 does, in q's dtype."""
+    torch.manual_seed(0)
+    positions = torch.cat([torch.arange(50), torch.arange(30)])[None].cuda()
+    q = torch.randn(1, 32, 80, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 80, 64, device="cuda") for _ in range(2))
+    mixed = varlen.varlen_attention_forward(CausalModule(), q, k, v, None, scaling=64 ** -0.5, position_ids=positions)[0]
+    bf16 = varlen.varlen_attention_forward(CausalModule(), q, k.bfloat16(), v.bfloat16(), None, scaling=64 ** -0.5,
+                                           position_ids=positions)[0]
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, bf16)

@@ -8,7 +8,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
+from conftest import ROOT, tiny_recipe
 from peftcli.models import locate
 from peftcli.recipe import Recipe
 
@@ -80,3 +80,18 @@ def test_the_bundled_tiny_recipe_trains_from_the_command_line(peft, tmp_path):
     assert report["status"] == "completed"
     assert report["eval"]["loss"] < report["eval"]["base_loss"]
     assert str(out / "report.md") in result.output.replace("\n", "")
+
+
+def test_the_report_counts_every_non_padding_token_trained_on(tmp_path):
+    """Counted on the device and read when training ends (the only step that logs is the first)."""
+    from peftcli.recipe import validate_recipe
+    from peftcli.rundir import RunDir
+    from peftcli.train import build_plan, run_training
+    from rich.console import Console
+
+    recipe = validate_recipe(tiny_recipe(train={"max_steps": None, "epochs": 1, "logging_steps": 100}), base_dir=ROOT)
+    recipe.output_dir = str(tmp_path / "out")
+    plan = build_plan(recipe)
+    report = run_training(plan, RunDir(tmp_path / "out"), resume=False, console=Console(quiet=True))
+    assert report["training"]["steps"] == plan.steps > 1
+    assert report["training"]["tokens"] == plan.train_stats.tokens == sum(map(len, plan.train_data["input_ids"]))
