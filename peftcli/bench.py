@@ -97,7 +97,6 @@ def run(work: Workload, console) -> dict:
     import torch
 
     from peftcli import train as train_mod
-    from peftcli.faults import NonFiniteGuard
 
     device = train_mod.current_device()
     plan = _standard_plan(work, device) if work.size else train_mod.build_plan(work.recipe)
@@ -105,7 +104,7 @@ def run(work: Workload, console) -> dict:
         from peftcli.rundir import RunDir
 
         trainer = train_mod.build_trainer(plan, RunDir(Path(folder)), console)
-        trainer.add_callback(NonFiniteGuard(plan.recipe.train.on_nan))  # peft train's check, and its wait for the GPU
+        train_mod.watch(trainer, plan.recipe.train.on_nan)  # what peft train runs beside the Trainer
         counter = LabelCounter(trainer.data_collator)
         trainer.data_collator = counter
         clock = Clock(device)

@@ -61,16 +61,18 @@ class TokensSeen(TrainerCallback):
 
     The Trainer's own count (`include_num_input_tokens_seen`) reads each batch's count from the GPU,
     a wait per micro-batch after which the GPU idles while the host prepares the next step. Here the
-    count adds up on the device and is read when the step logs, saves or evaluates (which wait for
-    the GPU anyway) and when training ends."""
+    count adds up on the device and is read when a step logs, saves, evaluates or ends training
+    (which wait for the GPU anyway), so a checkpoint holds it; added after any callback that asks
+    for a save (train.watch)."""
 
     def __init__(self):
         self.counted: torch.Tensor | None = None
-        self.at_start = 0
+        self.at_start = 0  # the count a resumed run starts from (its checkpoint's)
+        self.this_run = 0  # tokens counted by this run, over every process
         self._hook = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.counted, self.at_start = None, state.num_input_tokens_seen  # a resumed run goes on from its checkpoint's
+        self.counted, self.at_start, self.this_run = None, state.num_input_tokens_seen, 0
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs) -> None:
@@ -81,7 +83,7 @@ class TokensSeen(TrainerCallback):
         self.counted = tokens if self.counted is None else self.counted + tokens.to(self.counted.device)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_log or control.should_save or control.should_evaluate:
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
             self._publish(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -92,5 +94,5 @@ class TokensSeen(TrainerCallback):
 
     def _publish(self, args, state) -> None:
         """Every process publishes at the same steps: the count is summed over them."""
-        counted = 0 if self.counted is None else int(self.counted)
-        state.num_input_tokens_seen = self.at_start + distributed.total(counted, args.device)
+        self.this_run = distributed.total(0 if self.counted is None else int(self.counted), args.device)
+        state.num_input_tokens_seen = self.at_start + self.this_run

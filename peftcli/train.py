@@ -183,7 +183,7 @@ def build_trainer(plan: Plan, run: RunDir, console):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from peftcli.checkpoints import PublishCheckpoints
-    from peftcli.progress import RichProgress, TokensSeen
+    from peftcli.progress import RichProgress
 
     padding = DataCollatorForSeq2Seq(plan.tokenizer, padding=True, label_pad_token_id=data_mod.IGNORE,
                                      pad_to_multiple_of=8 if plan.device == "cuda" else None)
@@ -192,12 +192,32 @@ def build_trainer(plan: Plan, run: RunDir, console):
                       eval_dataset=plan.eval_data, data_collator=collator, processing_class=plan.tokenizer)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
-    trainer.add_callback(TokensSeen())
     trainer.add_callback(RichProgress(console))
     for callback in methods.callbacks(plan.model, plan.recipe.method):
         trainer.add_callback(callback)
     trainer.add_callback(PublishCheckpoints(run.checkpoints, plan.recipe.train.save_total_limit))
     return trainer
+
+
+@dataclass
+class Watch:
+    """The callbacks `peft train` (and `peft bench`) add to the Trainer's."""
+
+    guard: Any  # faults.NonFiniteGuard
+    tokens: Any  # progress.TokensSeen
+
+
+def watch(trainer, on_nan: str, stop=None) -> Watch:
+    """Add, in this order: `stop` (a signal asks for a save), the NaN guard (a faulty step is not saved,
+    even when asked) and the token count (published into the state that a save writes)."""
+    from peftcli.faults import NonFiniteGuard
+    from peftcli.progress import TokensSeen
+
+    watched = Watch(NonFiniteGuard(on_nan), TokensSeen())
+    for callback in (stop, watched.guard, watched.tokens):
+        if callback is not None:
+            trainer.add_callback(callback)
+    return watched
 
 
 @dataclass
@@ -219,7 +239,6 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
     import torch
 
     from peftcli import checkpoints
-    from peftcli.faults import NonFiniteGuard
     from peftcli.interrupt import StopOnSignal
 
     trainer = build_trainer(plan, run, console)
@@ -228,9 +247,8 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
         run.root.mkdir(parents=True, exist_ok=True)
         checkpoints.clear_leftovers(run.checkpoints)
         report.write_atomic(run.recipe, plan.recipe.to_yaml())
-    stop, guard = StopOnSignal(console if main else None), NonFiniteGuard(plan.recipe.train.on_nan)
-    trainer.add_callback(stop)
-    trainer.add_callback(guard)  # after stop: a faulty step is not saved even when a signal asks for a save
+    stop = StopOnSignal(console if main else None)
+    watched = watch(trainer, plan.recipe.train.on_nan, stop)
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
     measure_base = plan.eval_data is not None
     base_eval = _evaluate_base(trainer, plan) if measure_base and methods.measures_base_first(plan.model) else None
@@ -244,7 +262,7 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
         raise RunFailure("out of GPU memory during training",
                          hint="lower train.batch_size or data.max_length, or set train.gradient_checkpointing: true"
                          ) from err
-    outcome = _outcome(trainer.state, stop, guard)
+    outcome = _outcome(trainer.state, stop, watched.guard)
     final_eval = None
     if outcome.status == "completed":
         final_eval = trainer.evaluate()["eval_loss"] if plan.eval_data is not None else None
@@ -254,7 +272,7 @@ def run_training(plan: Plan, run: RunDir, *, resume: bool, console) -> dict:
     if not main:
         return {}
     result_report = build_report(plan, run, trainer, result, base_eval, final_eval, started_at,
-                                 time.perf_counter() - clock, outcome)
+                                 time.perf_counter() - clock, outcome, watched.tokens.this_run)
     report.write(result_report, run.report_json, run.report_md, run.loss_plot)
     if outcome.status == "completed":
         (saved_dir(plan, run) / "README.md").write_text(report.model_card(result_report))
@@ -333,7 +351,7 @@ def memory_estimate(plan: Plan) -> dict:
 
 
 def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval, started_at, wall,
-                 outcome: Outcome) -> dict:
+                 outcome: Outcome, tokens_this_run: int) -> dict:
     from peftcli.faults import FAULT_KEY
 
     state = trainer.state
@@ -361,7 +379,8 @@ def build_report(plan: Plan, run: RunDir, trainer, result, base_eval, final_eval
                  "eval": plan.eval_stats.as_dict() if plan.eval_stats else None},
         "training": {
             "steps": state.global_step, "epochs": state.epoch or 0.0, "tokens": tokens,
-            "train_runtime_s": round(train_runtime, 2), "tokens_per_s": tokens / train_runtime if train_runtime else 0.0,
+            "train_runtime_s": round(train_runtime, 2),
+            "tokens_per_s": tokens_this_run / train_runtime if train_runtime else 0.0,  # a resumed run: its own
             "final_loss": losses[-1]["loss"] if losses else None,
             "loss_history": [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")} for e in losses],
             "skipped_steps": [step for step, what in faulty.items() if what == "skipped"],

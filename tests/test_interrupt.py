@@ -99,6 +99,9 @@ def assert_resumes_to_the_uninterrupted_result(peft, recipe, out, uninterrupted,
     assert result.code == 0, result
     got, expected = (json.loads((run / "report.json").read_text())["training"] for run in (out, uninterrupted))
     assert [p["step"] for p in got["loss_history"]] == list(range(1, STEPS + 1))
+    assert got["tokens"] == expected["tokens"]  # counted before the interruption too, as its checkpoint holds them
+    # the speed of the resumed part alone: at most 8 of the 10 steps (a checkpoint came first; runtime rounded)
+    assert got["tokens_per_s"] * got["train_runtime_s"] < 0.9 * got["tokens"]
     assert [p["loss"] for p in got["loss_history"]] == pytest.approx([p["loss"] for p in expected["loss_history"]],
                                                                      rel=tolerance, abs=tolerance)
     weights, reference = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (out, uninterrupted))
@@ -178,10 +181,15 @@ def test_ctrl_c_saves_a_checkpoint_even_without_save_steps(peft, write_recipe, t
 
     monkeypatch.setattr(RichProgress, "on_step_end", press_ctrl_c_at_step_2)
     out = tmp_path / "out"
-    result = peft("train", write_recipe(tiny_recipe(train={"max_steps": 6})), "-o", out)
+    result = peft("train", write_recipe(tiny_recipe(train={"max_steps": 6, "logging_steps": 100})), "-o", out)
     assert result.code == 130, result
     assert [step for step, _ in checkpoints.complete(out / "checkpoints")] == [2]
-    assert json.loads((out / "report.json").read_text())["stop_reason"] == "SIGINT at step 2 of 6"
+    report = json.loads((out / "report.json").read_text())
+    assert report["stop_reason"] == "SIGINT at step 2 of 6"
+    # The save the signal asked for holds the tokens of both steps, though step 2 did not log (step 1 did).
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] == report["training"]["tokens"] > 0
+    assert [entry["step"] for entry in state["log_history"]] == [1]
 
 
 @pytest.mark.gpu
