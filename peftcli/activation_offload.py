@@ -6,7 +6,8 @@ A checkpointed decoder layer keeps only its input for backward, one residual-str
 uses, copies it out and back on the compute stream, so the GPU waits for each copy: about 3 ms per
 layer and direction on an H100 at that size, 10% of a QLoRA step. Here the copy out runs on a side
 stream while the next layers compute, and the copy back is issued one checkpointed layer ahead of
-backward, while the layer before it recomputes and back-propagates.
+backward, while the layer before it recomputes and back-propagates. Measured on the 8B QLoRA workload
+held to 9 GiB (H100, one call): 10,150 and 10,404 tok/s against 8,938 with `save_on_cpu`, same peak.
 
 Ordering: the side stream waits for the compute stream before copying a tensor out, the compute
 stream waits for a tensor's copy back before using it, and each GPU tensor is marked as used by the
