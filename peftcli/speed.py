@@ -144,9 +144,9 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
     The fewest (1, 2, 4, ...) whose estimate fits the memory budget, every layer checkpointed if need be:
     halving a step halves its activations but costs speed (more, smaller steps). lean also splits until
     the activations stay within LEAN_ACTIVATION_SHARE of the memory the model takes in 16-bit (weights,
-    adapter, optimizer; lean_reference_bytes), where they are a large part of the peak. Never so many that one micro-batch
-    cannot hold the longest example; unpacked runs are not split (their batches split with batch_size
-    and grad_accum)."""
+    adapter, optimizer; lean_reference_bytes), where they are a large part of the peak. Never so many
+    that one micro-batch cannot hold the longest example; unpacked runs are not split (their batches
+    split with batch_size and grad_accum)."""
     if not path.packing:
         if t.micro_batches not in ("auto", 1):
             raise UserError("micro-batches split a packed batch, and this run does not pack",

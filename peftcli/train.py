@@ -37,7 +37,7 @@ class Plan:
     def steps(self) -> int:
         packed = self.speed.batches
         return optimizer_steps(self.train_stats.examples, self.recipe, distributed.world_size(),
-                               batches=len(packed) if packed else None, micro_batches=self.speed.micro_batches)
+                               batches=len(packed) if packed else None, accumulation=self.accumulation)
 
     @property
     def accumulation(self) -> int:
@@ -65,14 +65,15 @@ def check_runtime(recipe: Recipe, device: str) -> None:
 
 
 def optimizer_steps(examples: int, recipe: Recipe, processes: int = 1, batches: int | None = None,
-                    micro_batches: int = 1) -> int:
+                    accumulation: int | None = None) -> int:
     """Optimizer steps the Trainer will run, counted as it counts them: `batches` per epoch (packed
-    micro-batches, or batch_size examples each) dealt round-robin to the processes."""
+    micro-batches, or batch_size examples each) dealt round-robin to the processes, `accumulation`
+    of them per step (Plan.accumulation; grad_accum before micro-batches are planned)."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
     batches = math.ceil((batches or math.ceil(examples / t.batch_size)) / processes)
-    per_epoch = max(math.ceil(batches / (t.grad_accum * micro_batches)), 1)
+    per_epoch = max(math.ceil(batches / (accumulation or t.grad_accum)), 1)
     return math.ceil((t.epochs or 1) * per_epoch)
 
 
