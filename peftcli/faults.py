@@ -65,14 +65,16 @@ class NonFiniteGuard(TrainerCallback):
         self._bad_loss = None
         if params and not args.fp16:  # with fp16, the grad scaler itself skips steps whose gradients overflow
             checks.append(~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])))
+        faulty = torch.stack([c.to(checks[0].device) for c in checks]).any() if checks else None  # on the device
         skipper = _skips_on_device(optimizer, args)
         if skipper is None:
-            faulty = bool(checks) and bool(torch.stack([c.to(checks[0].device) for c in checks]).any().item())
-            if distributed.agreed_max(int(faulty), args.device):  # a NaN in one process stops (or skips) all
+            # a NaN in one process stops (or skips) all
+            if distributed.agreed_max(int(faulty is not None and bool(faulty.item())), args.device):
                 self._mark(state.global_step + 1, state, control, params)
             return
         self._settle(state, control)  # earlier steps' verdicts, long computed by now
-        faulty = torch.stack([c.to(args.device) for c in checks]).any() if checks else torch.zeros((), dtype=torch.bool, device=args.device)
+        if faulty is None:
+            faulty = torch.zeros((), dtype=torch.bool, device=args.device)
         if self.fault_step is not None:  # an earlier step stopped the run: this update is left out too
             faulty = torch.ones_like(faulty)
         skipper.found_inf = faulty.float()
