@@ -29,6 +29,34 @@ class Result:
         return f"<exit {self.code}>\n{self.output}"
 
 
+@pytest.fixture(autouse=True)
+def unpatched_transformers(request):
+    """liger patches transformers' modeling modules for every model built later in the process (their RMSNorm,
+    MLP and RoPE functions, the causal LM's forward): a GPU test that trains with liger would hand its
+    Triton kernels to a CPU model of a later test. Restores those modules after each GPU test."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    import importlib
+    import sys
+
+    from peftcli import speed
+
+    for family in speed.VARLEN_FAMILIES:  # the ones liger may patch here, imported before it does
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("transformers.models.") and ".modeling_" in name]
+    saved = [(m, dict(vars(m))) for m in modules]
+    methods = [(cls, dict(vars(cls))) for m in modules for cls in vars(m).values()
+               if isinstance(cls, type) and cls.__module__ == m.__name__]
+    yield
+    for module, names in saved:
+        vars(module).update(names)
+    for cls, attributes in methods:
+        for name, value in attributes.items():
+            if vars(cls).get(name) is not value:
+                setattr(cls, name, value)
+
+
 @pytest.fixture
 def peft():
     """Run `peft ARGS...` in this process; returns exit code and everything it printed."""
