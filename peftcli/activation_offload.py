@@ -22,6 +22,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from peftcli import fused_lora
+
 
 class _Offloaded:
     """One saved tensor: its pinned CPU copy, and its copy back to the GPU once issued."""
@@ -46,9 +48,9 @@ class StreamOffload:
         self.waiting = 0  # of them, not yet used by backward
 
     def checkpoint(self, function, *args, **kwargs):
-        """torch's non-reentrant checkpoint, its saved inputs offloaded."""
+        """torch's non-reentrant checkpoint (with the recompute marked for fused LoRA), its saved inputs offloaded."""
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+            return checkpoint(function, *args, use_reentrant=False, context_fn=fused_lora.checkpoint_contexts, **kwargs)
 
     def pack(self, tensor: torch.Tensor):
         # Only the residual stream needs a gradient: RoPE tables shared by every layer, position ids and

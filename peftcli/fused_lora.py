@@ -16,9 +16,17 @@ mixed dtypes, extra arguments) goes through peft's own forward, so behaviour nev
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 
 import torch
+
+# Whether this thread runs a checkpointed layer's recompute (autograd runs it in its own thread).
+_recompute = threading.local()
+# The attribute marking a LoRA layer whose output a checkpointed layer's recompute never uses
+# (mark_unused_in_recompute).
+UNUSED_IN_RECOMPUTE = "output_unused_in_recompute"
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -30,15 +38,17 @@ class LoraLinearFunction(torch.autograd.Function):
     gradient. The scaling is applied to the r-wide tensors, never to an activation-sized one."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling):
+    def forward(ctx, x, lora_a, lora_b, base, scaling, output_unused=False):
         flat = x.reshape(-1, x.shape[-1])
         low = (flat @ lora_a.to(x.dtype).t()).mul_(scaling)  # s·x·Aᵀ, r wide
-        up = lora_b.to(x.dtype).t()
-        out = low @ up if base.bias is None else torch.addmm(base.bias.to(x.dtype), low, up)
-        out.addmm_(flat, dense_weight(base, x.dtype).t())
         ctx.save_for_backward(x, lora_a, lora_b, low)
         ctx.base = base
         ctx.scaling = scaling
+        if output_unused:  # a recompute that needs only what is saved: the base matmul is skipped
+            return flat.new_empty(*x.shape[:-1], base.out_features)
+        up = lora_b.to(x.dtype).t()
+        out = low @ up if base.bias is None else torch.addmm(base.bias.to(x.dtype), low, up)
+        out.addmm_(flat, dense_weight(base, x.dtype).t())
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -55,7 +65,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_a = (grad_low.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = (grad.t() @ low).to(lora_b.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 def dense_weight(base, dtype):
@@ -87,8 +97,35 @@ def fused_forward(self, x, *args, **kwargs):
     adapter = _plain_adapter(self, x, args, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
+    unused = getattr(self, UNUSED_IN_RECOMPUTE, False) and getattr(_recompute, "active", False)
     return LoraLinearFunction.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.base_layer,
-                                    self.scaling[adapter])
+                                    self.scaling[adapter], unused)
+
+
+def mark_unused_in_recompute(layer) -> None:
+    """Let `layer`'s fused forward skip its base matmul when a checkpointed layer is recomputed: the
+    caller knows that nothing kept for backward is computed from its output (the last projection of a
+    decoder layer, added to the residual stream, which keeps nothing). Recompute exists to rebuild what
+    backward keeps, so that matmul would be thrown away: about a quarter of a Llama layer's forward matmuls.
+    Measured against the code before it in one call (H200): 8B fast held to 24 GiB, 27 layers recomputed,
+    13,145 and 13,130 tok/s against 12,356 and 12,328; QLoRA held to 9 GiB 12,313 and 12,403 against 11,556;
+    lean 11,940 against 11,205 (another call). Layers the fused path never takes are left as they are."""
+    if type(layer) in lora_layer_classes() and fusable_base(layer.base_layer):
+        setattr(layer, UNUSED_IN_RECOMPUTE, True)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = False
+
+
+def checkpoint_contexts():
+    """torch checkpoint's `context_fn`: nothing around the forward, the recompute marked as one."""
+    return contextlib.nullcontext(), _recomputing()
 
 
 def _plain_adapter(layer, x, args, kwargs) -> str | None:

@@ -438,11 +438,11 @@ class TrainSection(Section):
                             "same tokens per optimizer step, a fraction of the activations; auto = as few as fit in max_memory_gib; "
                             "lean also splits until the activations take at most a quarter of the model's memory in 16-bit")
     max_memory_gib: Real | None = Field(
-        None, gt=0, description="GPU memory a run plans within, giving up speed cheapest first: checkpointed layers, their "
-                                "inputs offloaded, smaller micro-batches; null = 90% of the GPU")
+        None, gt=0, description="GPU memory a run plans within, giving up speed cheapest first: checkpointed layers (their "
+                                "inputs offloaded where that spares recomputing some), smaller micro-batches; null = 90% of the GPU")
     offload_activations: FlagOrAuto = Field(
         "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile, and for "
-                            "fast when checkpointing every layer does not fit in max_memory_gib")
+                            "fast when that lets fewer layers be recomputed within max_memory_gib, or nothing else fits")
     offload_embeddings: FlagOrAuto = Field(
         "auto", description="keep the input embedding table in CPU memory and look tokens up there (GPU only; an "
                             "untied table that does not train); auto = on for the lean profile")

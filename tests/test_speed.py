@@ -1,6 +1,7 @@
 """Speed settings: packing changes nothing that is learned, checkpointing nothing that is computed,
 the plan resolves `auto` as documented, and the memory estimate matches what the GPU measured."""
 
+import collections
 import copy
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.console import Console
 from transformers import DataCollatorForSeq2Seq
 
 from conftest import ROOT, gpu_estimate, tiny_recipe
-from peftcli import methods, params, speed, varlen
+from peftcli import fused_lora, methods, params, speed, varlen
 from peftcli.bench import PROJECTIONS
 from peftcli.errors import UserError
 from peftcli.packing import PackedCollator
@@ -136,8 +137,11 @@ def test_fused_lora_is_refused_with_dropout():
     assert err.value.where == "train.fused_lora" and "dropout" in err.value.hint
 
 
-def test_checkpointing_changes_memory_not_gradients():
+def test_checkpointing_changes_memory_not_gradients(monkeypatch):
     plans = [plan_for(llama_recipe(profile=p)) for p in ("fast", "lean")]
+    weight_uses = collections.Counter()  # base matmuls per projection: forward, recompute, backward
+    dense_weight = fused_lora.dense_weight
+    monkeypatch.setattr(fused_lora, "dense_weight", lambda base, dtype: weight_uses.update([base]) or dense_weight(base, dtype))
     grads = []
     for plan in plans:
         padded, _ = padded_and_packed(plan, range(4))
@@ -147,6 +151,9 @@ def test_checkpointing_changes_memory_not_gradients():
     layers = speed.decoder_layers(plans[1].model.get_base_model())
     assert [layer.gradient_checkpointing for layer in layers] == [True, True]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    # the recompute skips the down projection's base matmul: the layer only adds its output to the residual
+    assert [weight_uses[layer.mlp.down_proj.base_layer] for layer in layers] == [2, 2]
+    assert [weight_uses[layer.mlp.up_proj.base_layer] for layer in layers] == [3, 3]
 
 
 def test_count_params_assumes_what_peft_train_runs_on_a_gpu():
@@ -173,14 +180,25 @@ def test_fast_checkpoints_the_fewest_layers_that_fit_the_budget():
     assert planned(10).checkpointed == 32  # nothing fits: checkpoint everything
 
 
+def test_fast_offloads_checkpointed_inputs_where_that_spares_recomputing_layers():
+    def planned(**train):
+        return gpu_estimate("builtin:llama-8b-random", max_memory_gib=24, **train)
+
+    kept, offloaded = planned(offload_activations=False), planned()
+    assert offloaded.path.offload_activations and 0 < offloaded.checkpointed < kept.checkpointed
+    assert offloaded.bytes <= 24 * speed.GIB
+    assert not planned(gradient_checkpointing=True).path.offload_activations  # as many layers either way
+    assert not gpu_estimate("builtin:llama-8b-random", max_memory_gib=72).path.offload_activations  # none checkpointed
+
+
 def test_fast_within_a_tight_budget_offloads_then_splits_before_it_gives_up():
     """Past checkpointing every layer, fast's next steps within max_memory_gib are the checkpointed layers'
     inputs in CPU memory, then smaller micro-batches: each only where the ones before it do not fit."""
     def qlora_8b(**train):
         return gpu_estimate("builtin:llama-8b-random", load_in_4bit=True, **train)
 
-    roomy = qlora_8b(max_memory_gib=24)
-    assert (roomy.path.offload_activations, roomy.step.tokens) == (False, 8192) and roomy.checkpointed < 32
+    roomy = qlora_8b(max_memory_gib=48)
+    assert (roomy.checkpointed, roomy.path.offload_activations, roomy.step.tokens) == (0, False, 8192)
     assert qlora_8b(max_memory_gib=9, offload_activations=False, micro_batches=1).bytes > 9 * speed.GIB
     offloaded = qlora_8b(max_memory_gib=9)  # checkpointing every layer was not enough: offloading is
     assert offloaded.path.offload_activations and offloaded.step.tokens == 8192 and offloaded.bytes <= 9 * speed.GIB
