@@ -22,8 +22,6 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from peftcli import fused_lora
-
 
 class _Offloaded:
     """One saved tensor: its pinned CPU copy, and its copy back to the GPU once issued."""
@@ -40,7 +38,8 @@ class StreamOffload:
     their input when called (forward) and need it back in reverse order (backward): while one layer's
     input is used, the one saved before it is copied back."""
 
-    def __init__(self):
+    def __init__(self, **checkpoint_options):
+        self.checkpoint_options = checkpoint_options  # for torch's checkpoint, besides use_reentrant=False
         self.stream = torch.cuda.Stream()
         # Since the last backward, in the order they were saved; weak, so that a graph dropped without a
         # backward (an exception) takes its entries with it.
@@ -48,9 +47,9 @@ class StreamOffload:
         self.waiting = 0  # of them, not yet used by backward
 
     def checkpoint(self, function, *args, **kwargs):
-        """torch's non-reentrant checkpoint (with the recompute marked for fused LoRA), its saved inputs offloaded."""
+        """torch's non-reentrant checkpoint, its saved inputs offloaded."""
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            return checkpoint(function, *args, use_reentrant=False, context_fn=fused_lora.checkpoint_contexts, **kwargs)
+            return checkpoint(function, *args, use_reentrant=False, **self.checkpoint_options, **kwargs)
 
     def pack(self, tensor: torch.Tensor):
         # Only the residual stream needs a gradient: RoPE tables shared by every layer, position ids and
@@ -101,9 +100,10 @@ class StreamOffload:
         entry.back.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used on this one
 
 
-def enable(layers) -> None:
+def enable(layers, **checkpoint_options) -> None:
     """Offload the saved inputs of these checkpointed layers (transformers' GradientCheckpointingLayer runs
-    `_gradient_checkpointing_func`, which activation_checkpointing_enable set to torch's checkpoint)."""
-    offload = StreamOffload()
+    `_gradient_checkpointing_func`, which activation_checkpointing_enable set to torch's checkpoint, called
+    here with `checkpoint_options`)."""
+    offload = StreamOffload(**checkpoint_options)
     for layer in layers:
         layer._gradient_checkpointing_func = offload.checkpoint

@@ -217,7 +217,7 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
 
         apply_liger_kernel(model, liger_kernel_config(model))
     speed.fused_layers = fused_lora.install(model) if speed.fused_lora else 0
-    checkpoint_layers(base, speed.checkpointed, offload=speed.offload)
+    checkpoint_layers(base, speed.checkpointed, offload=speed.offload, compiled=speed.compile)
     if speed.offload_embeddings:
         cpu_embedding.offload(base)
     if speed.compile:
@@ -436,21 +436,23 @@ def fewest_checkpointed(peak, layers: int, budget_gib: float) -> int:
     return next((k for k in range(layers + 1) if peak(k) <= budget_gib), layers)
 
 
-def checkpoint_layers(base, checkpointed: int, *, offload: bool) -> None:
+def checkpoint_layers(base, checkpointed: int, *, offload: bool, compiled: bool = False) -> None:
     """Checkpoint the first `checkpointed` decoder layers: the last ones are back-propagated first, so
     keeping their activations needs no recompute at the start of backward. Their recompute skips the
     down projection's base matmul where the layer adds its output to the residual stream and ends
-    (fused_lora.mark_unused_in_recompute)."""
+    (fused_lora.mark_unused_in_recompute); not in compiled layers, whose recompute torch.compile traces
+    with the forward and which take no other checkpoint contexts than selective checkpointing's."""
     if not checkpointed:
         return
-    base.activation_checkpointing_enable({"use_reentrant": False, "context_fn": fused_lora.checkpoint_contexts})
+    options = {} if compiled else {"context_fn": fused_lora.checkpoint_contexts}
+    base.activation_checkpointing_enable({"use_reentrant": False, **options})
     base.disable_input_require_grads()  # non-reentrant checkpointing needs no gradient at the embeddings
     layers = decoder_layers(base)
     for layer in layers[checkpointed:]:
         layer.gradient_checkpointing = False
-    if base.config.model_type in RESIDUAL_LAST_FAMILIES:
+    if options and base.config.model_type in RESIDUAL_LAST_FAMILIES:
         for layer in layers[:checkpointed]:
             if (mlp := own_mlp(layer)) is not None:
                 fused_lora.mark_unused_in_recompute(mlp.down_proj)
     if offload:  # transformers' offload=True copies on the compute stream, which then waits (activation_offload)
-        activation_offload.enable(layers[:checkpointed])
+        activation_offload.enable(layers[:checkpointed], **options)

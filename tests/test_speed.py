@@ -156,6 +156,22 @@ def test_checkpointing_changes_memory_not_gradients(monkeypatch):
     assert [weight_uses[layer.mlp.up_proj.base_layer] for layer in layers] == [3, 3]
 
 
+def test_compiled_checkpointed_layers_give_the_eager_gradients():
+    """torch.compile traces a checkpointed layer's recompute with its forward and refuses other checkpoint
+    contexts than selective checkpointing's: compiled layers recompute in full."""
+    results = []
+    for compiled in (False, True):
+        plan = plan_for(llama_recipe(profile="lean", compile=compiled))
+        padded, _ = padded_and_packed(plan, range(4))
+        plan.model.train()
+        loss = plan.model(**padded).loss
+        loss.backward()
+        results.append((loss, [p.grad for p in plan.model.parameters() if p.requires_grad]))
+    (eager_loss, eager), (compiled_loss, compiled) = results
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager, compiled))
+
+
 def test_count_params_assumes_what_peft_train_runs_on_a_gpu():
     llama = gpu_estimate("builtin:llama-1b-random")
     assert llama.path == params.SpeedPath(profile="fast", packing=True, attention="varlen", liger_kernels=True,
