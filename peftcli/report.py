@@ -15,12 +15,15 @@ PACKAGES = ("peftcli", "torch", "transformers", "peft", "datasets", "accelerate"
 
 
 def versions() -> dict[str, str | None]:
+    import torch
+
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
+    found["torch"] = torch.__version__  # with its build (+cu130, +cpu), which some images' metadata leaves out
     return found
 
 
