@@ -15,7 +15,8 @@ from peftcli.recipe import Recipe
 
 def test_the_adapter_loads_with_stock_peft_and_gives_the_same_logits(trained_run):
     plan, _, run = trained_run
-    device, dtype = plan.model.device, plan.model.dtype  # a GPU trains in bfloat16
+    frozen = next(p for p in plan.model.parameters() if not p.requires_grad)
+    device, dtype = frozen.device, frozen.dtype  # a GPU trains a bfloat16 base
     ids = torch.tensor([plan.train_data[0]["input_ids"][:32]], device=device)
     plan.model.eval()
     with torch.no_grad():
@@ -26,7 +27,7 @@ def test_the_adapter_loads_with_stock_peft_and_gives_the_same_logits(trained_run
         got = reloaded(input_ids=ids).logits
         with reloaded.disable_adapter():
             untrained = reloaded(input_ids=ids).logits
-    assert torch.allclose(got, expected, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.allclose(got.float(), expected.float(), atol=1e-5 if dtype == torch.float32 else 1e-2)
     assert not torch.allclose(got, untrained, atol=1e-4)  # training changed the model
 
 
