@@ -163,6 +163,8 @@ def _explained_load_errors(base: str):
                 "offline, use a local folder, a .gguf file or builtin:tiny-gpt2")
         if Path(base).exists():
             hint = "the folder must hold config.json and safetensors weights in the Hugging Face layout"
+        if "trust_remote_code" in text or "custom code" in text:
+            hint = "the model's code comes with it: read it, then set model.trust_remote_code: true to run it"
         raise UserError(f"cannot load model '{base}': {first_line}", where="model.base", hint=hint) from err
 
 

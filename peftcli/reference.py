@@ -61,7 +61,7 @@ def markdown_reference() -> str:
 def methods_table() -> str:
     """Every method: what it trains, its trainable parameters on the Llama-3.1-8B shape at the
     recipe's defaults (counted by peft on a meta-device model: no memory, no weights), mergeable or not."""
-    from peftcli import methods, models
+    from peftcli import merge, methods, models
 
     config = models.load_config(TABLE_MODEL)
     rows = ["| method | what is trained | trainable params, Llama-3.1-8B shape | mergeable |", "|---|---|---|---|"]
@@ -69,7 +69,8 @@ def methods_table() -> str:
         # AdaLoRA schedules its budget over the run's steps; the count does not depend on them.
         model = methods.attach(models.build_empty(config), cls(), steps=1000)
         trainable, total = methods.trainable_parameters(model)
-        mergeable = "yes" if name in methods.MERGEABLE else "no adapter" if name == "full" else "no"
+        kinds = {str(config.peft_type.value) for config in getattr(model, "peft_config", {}).values()}
+        mergeable = "no adapter" if not kinds else "yes" if kinds <= merge.MERGEABLE else "no"
         share = "100" if trainable == total else f"{100 * trainable / total:.2g}"
         rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({share}%) "
                     f"| {mergeable} |")

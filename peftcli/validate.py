@@ -17,7 +17,7 @@ def check(recipe: Recipe) -> dict:
     """Raise a UserError for the first problem; return what was resolved on the way."""
     check_runtime(recipe, current_device())
     config = models.load_config(recipe.model.base, recipe.model.trust_remote_code)
-    skeleton = models.build_empty(config)
+    skeleton = models.build_empty(config, trust_remote_code=recipe.model.trust_remote_code)
     resolved: dict = {"architecture": type(skeleton).__name__}
     steps = recipe.train.max_steps
     if _is_local(recipe.data.train):

@@ -1,6 +1,8 @@
 """`peft validate` on anything at all: a valid recipe passes, anything else is exit 2 with a
 message, never a traceback (property-based, with hypothesis)."""
 
+import json
+
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -77,3 +79,41 @@ def test_any_mutation_of_a_valid_recipe_is_valid_or_a_clear_error(peft, tmp_path
     path.write_text(_yaml_text(recipe), encoding="utf-8")
     check_outcome(peft("validate", path))
 
+
+
+REMOTE_CONFIG = '''from transformers import GPT2Config
+
+
+class TinyRemoteConfig(GPT2Config):
+    model_type = "tiny-remote"
+'''
+REMOTE_MODEL = '''from transformers import GPT2LMHeadModel
+
+from .configuration_tiny import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(GPT2LMHeadModel):
+    config_class = TinyRemoteConfig
+'''
+
+
+def test_a_model_with_its_own_code_validates_only_when_the_recipe_trusts_it(peft, write_recipe, tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1000, n_positions=128).to_dict()
+    config.update(model_type="tiny-remote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def validate(trust: bool):
+        return peft("validate", write_recipe(tiny_recipe(model={"base": str(folder), "trust_remote_code": trust})))
+
+    trusted = validate(True)
+    assert trusted.code == 0 and "TinyRemoteForCausalLM" in trusted.output, trusted
+    untrusted = validate(False)
+    assert untrusted.code == 2 and "model.trust_remote_code: true" in untrusted.output and no_traceback(untrusted.output)

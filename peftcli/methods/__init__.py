@@ -16,7 +16,6 @@ from peftcli.methods.targets import resolve_targets
 
 LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
 PROMPT_LEARNING = ("prefix", "prompt", "p_tuning")
-MERGEABLE = (*LORA_FAMILY, "ia3", "loha", "lokr", "adalora", "vera", "mixed")  # mixed: of mergeable ones only
 
 
 def peft_config(method, model, *, steps: int | None = None):
