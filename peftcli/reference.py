@@ -69,7 +69,8 @@ def methods_table() -> str:
         # AdaLoRA schedules its budget over the run's steps; the count does not depend on them.
         model = methods.attach(models.build_empty(config), cls(), steps=1000)
         trainable, total = methods.trainable_parameters(model)
-        kinds = {str(config.peft_type.value) for config in getattr(model, "peft_config", {}).values()}
+        # peft's own types are PeftType members, a registered custom tuner's (bottleneck) a plain string
+        kinds = {getattr(c.peft_type, "value", c.peft_type) for c in getattr(model, "peft_config", {}).values()}
         mergeable = "no adapter" if not kinds else "yes" if kinds <= merge.MERGEABLE else "no"
         share = "100" if trainable == total else f"{100 * trainable / total:.2g}"
         rows.append(f"| `{name}` | {' '.join(cls.__doc__.split())} | {trainable:,} ({share}%) "
