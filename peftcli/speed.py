@@ -234,18 +234,20 @@ def liger_kernel_config(model) -> dict:
     """liger's options for this model (PreTrainedModel or PeftModel): liger swaps the forward of each decoder
     layer's `mlp` for its SwiGLU, written for the model's own MLP; where an adapter wraps that block (the
     parallel bottleneck adapter), the block keeps its own forward."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = decoder_layers(methods.base_model(model))
-    return {"swiglu": False} if any(isinstance(getattr(layer, "mlp", None), BaseTunerLayer) for layer in layers) else {}
+    return {"swiglu": False} if any(_adapter_wraps_mlp(layer) for layer in layers) else {}
 
 
 def own_mlp(layer):
     """The decoder layer's MLP block, None where an adapter wraps the block (its output may feed the adapter)."""
+    mlp = getattr(layer, "mlp", None)
+    return None if _adapter_wraps_mlp(layer) or not hasattr(mlp, "down_proj") else mlp
+
+
+def _adapter_wraps_mlp(layer) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    mlp = getattr(layer, "mlp", None)
-    return None if isinstance(mlp, BaseTunerLayer) or not hasattr(mlp, "down_proj") else mlp
+    return isinstance(getattr(layer, "mlp", None), BaseTunerLayer)
 
 
 def decoder_layers(base) -> list:
