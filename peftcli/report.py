@@ -19,11 +19,13 @@ def versions() -> dict[str, str | None]:
 
     found = {"python": platform.python_version()}
     for name in PACKAGES:
+        if name == "torch":  # its own version names its build (+cu130, +cpu), which some images' metadata leaves out
+            found[name] = torch.__version__
+            continue
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
-    found["torch"] = torch.__version__  # with its build (+cu130, +cpu), which some images' metadata leaves out
     return found
 
 
