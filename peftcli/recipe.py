@@ -439,7 +439,8 @@ class TrainSection(Section):
                             "lean also splits until the activations take at most a quarter of the model's memory in 16-bit")
     max_memory_gib: Real | None = Field(
         None, gt=0, description="GPU memory a run plans within, giving up speed cheapest first: checkpointed layers (their "
-                                "inputs offloaded where that spares recomputing some), smaller micro-batches; null = 90% of the GPU")
+                                "inputs offloaded where that spares recomputing some), smaller micro-batches; null = the model's budget: "
+                                "24 GiB, or 1.5× the model's 16-bit memory if more, a 4-bit base's share of it, within 90% of the GPU")
     offload_activations: FlagOrAuto = Field(
         "auto", description="keep checkpointed activations in CPU memory (GPU only); auto = on for the lean profile, and for "
                             "fast when that lets fewer layers be recomputed within max_memory_gib, or nothing else fits")

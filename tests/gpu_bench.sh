@@ -45,21 +45,29 @@ if [ -z "${PEFTCLI_CACHE:-}" ] && [ "${shm_kib:-0}" -gt 20000000 ] 2> /dev/null;
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Kernel caches first. liger's Triton kernels compile a variant for each new divisibility of their integer
+# arguments (by 16), once per machine (kept on disk); on this workload the first such step is the 8th (its
+# packed row's length is the first not a multiple of 16): a 0.9 s stall, 8% of a timed 8B run. One run of
+# each shape fills the cache, so that every tool below (TRL uses the same kernels) is timed warm. These two
+# are measured too, but not comparable.
+step warm-8b-fast-72gib 90 "${OURS[@]}" --size 8b --set train.max_memory_gib=72 --steps 16
+step warm-1b-fast 60 "${OURS[@]}" --size 1b --steps 16
 # Most important first: what runs out of the budget is skipped.
+# fast plans within the model's default budget (24 GiB for the 8B, 9 GiB for its 4-bit base).
 step ours-8b-fast 90 "${OURS[@]}" --size 8b
 step trl-8b 150 python3 .gpu/trl_baseline.py --size 8b --steps "$STEPS"
 step ours-8b-lean 90 "${OURS[@]}" --size 8b --set train.profile=lean
-# The fast profile held to the memory targets (24 GiB bf16, 9 GiB QLoRA): as few checkpointed layers as fit.
-step ours-8b-fast-24gib 90 "${OURS[@]}" --size 8b --set train.max_memory_gib=24
 step ours-8b-qlora-fast 150 "${OURS[@]}" --size 8b --qlora
 step ours-8b-qlora-lean 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean
-step ours-8b-qlora-fast-9gib 90 "${OURS[@]}" --size 8b --qlora --set train.max_memory_gib=9
-# The setting that trains in 6 GiB: lean in 2 micro-batches.
-step ours-8b-qlora-lean-2-micro-batches 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean --set train.micro_batches=2
 step ours-1b-fast 60 "${OURS[@]}" --size 1b
-step ours-1b-lean 60 "${OURS[@]}" --size 1b --set train.profile=lean
 step trl-1b 120 python3 .gpu/trl_baseline.py --size 1b --steps "$STEPS"
 step naive-1b 70 python3 .gpu/naive_baseline.py --size 1b --steps "$STEPS"
+step ours-1b-lean 60 "${OURS[@]}" --size 1b --set train.profile=lean
+# The setting that trains in 6 GiB: lean in 2 micro-batches.
+step ours-8b-qlora-lean-2-micro-batches 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean --set train.micro_batches=2
+# fast given the whole H100: what memory past the default budget buys.
+step ours-8b-fast-72gib 90 "${OURS[@]}" --size 8b --set train.max_memory_gib=72
+step ours-8b-qlora-fast-72gib 90 "${OURS[@]}" --size 8b --qlora --set train.max_memory_gib=72
 # What lean's input embedding table in CPU memory costs in speed.
 step ours-8b-lean-embeddings-on-gpu 90 "${OURS[@]}" --size 8b --set train.profile=lean --set train.offload_embeddings=false
 echo "results: $OUT/bench.jsonl"

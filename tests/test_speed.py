@@ -177,7 +177,7 @@ def test_count_params_assumes_what_peft_train_runs_on_a_gpu():
     assert llama.path == params.SpeedPath(profile="fast", packing=True, attention="varlen", liger_kernels=True,
                                           fused_lora=True, offload_activations=False) or not varlen.kernel()
     assert llama.step == params.Step(1, 4 * 2048)  # packed: the token budget of 4 full-length examples
-    assert llama.checkpointed == 0  # fast, and the GPU's memory unknown: nothing checkpointed
+    assert llama.checkpointed == 0  # fast: the 1B fits in the default budget (24 GiB) with every layer kept
     assert gpu_estimate("builtin:llama-1b-random", max_tokens_per_batch=5000).step.tokens == 5000
     lean = gpu_estimate("builtin:llama-1b-random", profile="lean")
     assert lean.checkpointed == 16 and lean.path.offload_activations
@@ -194,6 +194,23 @@ def test_fast_checkpoints_the_fewest_layers_that_fit_the_budget():
     assert 0 < chosen.checkpointed < 32 and chosen.bytes / speed.GIB <= 24 < chosen.peak(chosen.checkpointed - 1) / speed.GIB
     assert planned(72).checkpointed == 0
     assert planned(10).checkpointed == 32  # nothing fits: checkpoint everything
+
+
+def test_fast_plans_within_a_budget_of_the_models_by_default():
+    """With no train.max_memory_gib, fast plans within 24 GiB for a 16-bit model up to 16 GiB (1.5× the model
+    beyond), a 4-bit base's share of that, and within 90% of a smaller GPU: the same plan on every GPU it fits."""
+    lora_8b, qlora_8b = gpu_estimate("builtin:llama-8b-random"), gpu_estimate("builtin:llama-8b-random", load_in_4bit=True)
+    assert speed.default_budget_gib(lora_8b, None) == 24
+    assert 0 < lora_8b.checkpointed < 32 and lora_8b.bytes <= 24 * speed.GIB
+    share = qlora_8b.static_bytes() / qlora_8b.static_bytes("adapter")
+    assert 0.3 < share < 0.4 and speed.default_budget_gib(qlora_8b, None) == pytest.approx(24 * share)
+    assert qlora_8b.checkpointed > lora_8b.checkpointed and qlora_8b.bytes <= 24 * share * speed.GIB
+    assert speed.default_budget_gib(lora_8b, 80.0) == 24 and speed.default_budget_gib(lora_8b, 16.0) == pytest.approx(14.4)
+    recipe = validate_recipe({"model": {"base": "builtin:llama-8b-random"}, "method": {"name": "full"}}, base_dir=ROOT)
+    full = speed.estimate_on_a_gpu(recipe, params.build_skeleton(recipe), batch_size=4, seq_len=2048)
+    assert full.static_bytes() > 16 * speed.GIB  # past the floor: half the model's memory again for activations
+    assert speed.default_budget_gib(full, None) == pytest.approx(1.5 * full.static_bytes() / speed.GIB)
+    assert speed.default_budget_gib(full, 40.0) == pytest.approx(36)
 
 
 def test_fast_offloads_checkpointed_inputs_where_that_spares_recomputing_layers():
