@@ -63,6 +63,11 @@ step ours-1b-fast 60 "${OURS[@]}" --size 1b
 step trl-1b 120 python3 .gpu/trl_baseline.py --size 1b --steps "$STEPS"
 step naive-1b 70 python3 .gpu/naive_baseline.py --size 1b --steps "$STEPS"
 step ours-1b-lean 60 "${OURS[@]}" --size 1b --set train.profile=lean
+# The baselines' other columns (a second call: BENCH_ONLY="warm-8b-fast-72gib ours-8b-fast trl-8b naive-8b
+# ours-8b-qlora-fast trl-8b-qlora naive-8b-qlora").
+step naive-8b 120 python3 .gpu/naive_baseline.py --size 8b --steps "$STEPS"
+step trl-8b-qlora 180 python3 .gpu/trl_baseline.py --size 8b --qlora --steps "$STEPS"
+step naive-8b-qlora 150 python3 .gpu/naive_baseline.py --size 8b --qlora --steps "$STEPS"
 # The issue's setting that trains in 6 GiB: lean in 2 micro-batches.
 step ours-8b-qlora-lean-2-micro-batches 90 "${OURS[@]}" --size 8b --qlora --set train.profile=lean --set train.micro_batches=2
 # fast given the whole H100: what memory past the default budget buys.
