@@ -48,7 +48,7 @@ FAST_ACTIVATION_SHARE = 0.5
 FAST_BUDGET_FLOOR_GIB = 24
 DEFAULT_MEMORY_FRACTION = 0.9
 # lean splits packed batches until the activations' peak is at most this share of the model's memory in
-# 16-bit (lean_reference_bytes)
+# 16-bit (sixteen_bit_model_bytes)
 LEAN_ACTIVATION_SHARE = 0.25
 
 
@@ -155,7 +155,7 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
     The fewest (1, 2, 4, ...) whose estimate fits the memory budget, every layer checkpointed if need be:
     halving a step halves its activations but costs speed (more, smaller steps). lean also splits until
     the activations stay within LEAN_ACTIVATION_SHARE of the memory the model takes in 16-bit (weights,
-    adapter, optimizer; lean_reference_bytes), where they are a large part of the peak. Never so many
+    adapter, optimizer; sixteen_bit_model_bytes), where they are a large part of the peak. Never so many
     that one micro-batch cannot hold the longest example; unpacked runs are not split (their batches
     split with batch_size and grad_accum)."""
     if not path.packing:
@@ -182,14 +182,16 @@ def fit_micro_batches(t, path: params.SpeedPath, budget: int, longest: int, plan
 def _worth_splitting(profile: str, memory: params.Estimate, budget_gib: float | None) -> bool:
     if over_budget(memory, budget_gib):
         return True
-    return profile == "lean" and memory.peak() - memory.static_bytes() > LEAN_ACTIVATION_SHARE * lean_reference_bytes(memory)
+    return profile == "lean" and memory.peak() - memory.static_bytes() > LEAN_ACTIVATION_SHARE * sixteen_bit_model_bytes(memory)
 
 
-def lean_reference_bytes(memory: params.Estimate) -> int:
-    """The model's memory in 16-bit, for a 4-bit base too: what a micro-batch costs in time follows its
-    parameters (each weight read, its kernels launched and, on a 4-bit base, dequantized once more per
-    micro-batch), not their storage. Measured on the 8B QLoRA workload (H100, lean): 1 × 8,192 tokens
-    10,027 tok/s at 6.36 GiB; 2 × 4,096 tokens (a quarter of the 4-bit model's own memory) 6,614 at 5.64."""
+def sixteen_bit_model_bytes(memory: params.Estimate) -> int:
+    """The model's memory in 16-bit (weights, adapter, optimizer), for a 4-bit base too: what lean's
+    micro-batches and fast's default budget (default_budget_gib) are measured against. For lean, what a
+    micro-batch costs in time follows the parameters it goes through (each weight read, its kernels
+    launched and, on a 4-bit base, dequantized once more per micro-batch), not their storage. Measured
+    on the 8B QLoRA workload (H100, lean): 1 × 8,192 tokens 10,027 tok/s at 6.36 GiB; 2 × 4,096 tokens
+    (a quarter of the 4-bit model's own memory) 6,614 at 5.64."""
     return memory.static_bytes("adapter" if memory.selected == "adapter_4bit" else None)
 
 
@@ -439,7 +441,7 @@ def choose_checkpointing(memory: params.Estimate, t, machine: Machine, layers: i
 
 def default_budget_gib(memory: params.Estimate, gpu_gib: float | None) -> float:
     """The GPU memory a run plans within when train.max_memory_gib is not set: the model's memory in 16-bit
-    (lean_reference_bytes) and half as much again for activations, at least FAST_BUDGET_FLOOR_GIB (a small
+    (sixteen_bit_model_bytes) and half as much again for activations, at least FAST_BUDGET_FLOOR_GIB (a small
     model's activations take more than the model); for a 4-bit base, its own memory's share of that, since
     it is chosen to train in less; within 90% of the GPU (`gpu_gib`, where known).
 
@@ -447,7 +449,7 @@ def default_budget_gib(memory: params.Estimate, gpu_gib: float | None) -> float:
     ran at 12,631 tok/s in 23.3 GiB within this budget (TRL's SFTTrainer: 8,034 in 19.7) and at 15,932 in
     49.8 GiB with no layer recomputed; its QLoRA at 11,501 in 8.4 GiB (9.1 GiB budget) and 15,450 in 40.3.
     And a budget of the model's, not of the GPU's, makes a recipe plan the same steps on every GPU it fits."""
-    reference = lean_reference_bytes(memory)
+    reference = sixteen_bit_model_bytes(memory)
     budget = max(FAST_BUDGET_FLOOR_GIB * GIB, (1 + FAST_ACTIVATION_SHARE) * reference) * memory.static_bytes() / reference
     return min(budget / GIB, DEFAULT_MEMORY_FRACTION * gpu_gib) if gpu_gib else budget / GIB
 

@@ -104,13 +104,13 @@ def test_lean_splits_only_where_activations_are_a_large_part_of_the_peak(base, l
     activations = lean.peak() - lean.static_bytes()
     sixteen_bit = lean.setups["adapter"]
     reference = sixteen_bit.weights + sixteen_bit.trainable + sixteen_bit.optimizer + sixteen_bit.overhead
-    assert speed.lean_reference_bytes(lean) == reference
+    assert speed.sixteen_bit_model_bytes(lean) == reference
     assert activations <= speed.LEAN_ACTIVATION_SHARE * reference
     if load_in_4bit:  # split as the 4-bit model's own memory would have it
         assert activations > speed.LEAN_ACTIVATION_SHARE * lean.static_bytes()
     if micro > 1:  # one micro-batch fewer would not have been lean enough
         fewer = gpu_estimate(base, profile="lean", load_in_4bit=load_in_4bit, micro_batches=micro // 2)
-        assert fewer.peak() - fewer.static_bytes() > speed.LEAN_ACTIVATION_SHARE * speed.lean_reference_bytes(fewer)
+        assert fewer.peak() - fewer.static_bytes() > speed.LEAN_ACTIVATION_SHARE * speed.sixteen_bit_model_bytes(fewer)
 
 
 @pytest.mark.parametrize("train, where", [
