@@ -73,6 +73,7 @@ class SpeedPlan:
     estimated_peak_gib: float | None = None  # on a GPU: the estimate the checkpointing was chosen by
     memory: params.Estimate | None = None  # the run's memory estimate (report.json has it on any device)
     micro_batches: int = 1  # packed micro-batches per batch, their gradients accumulated
+    liger_options: dict = field(default_factory=dict)  # liger_kernel_config, for speed.prepare and the Trainer
     fused_layers: int = field(default=0)  # set by prepare
 
     def describe(self) -> dict:
@@ -123,7 +124,7 @@ def plan(recipe, model, train_data, device: str) -> SpeedPlan:
         liger=path.liger_kernels, fused_lora=path.fused_lora, layers=layers, checkpointed=memory.checkpointed,
         offload=memory.path.offload_activations, offload_embeddings=path.offload_embeddings, compile=t.compile,
         memory_budget_gib=budget_gib, estimated_peak_gib=memory.peak() / GIB if device == "cuda" else None,
-        memory=memory, micro_batches=micro)
+        memory=memory, micro_batches=micro, liger_options=liger_kernel_config(model) if path.liger_kernels else {})
 
 
 def estimate_on_a_gpu(recipe, skeleton, *, batch_size: int, seq_len: int) -> params.Estimate:
@@ -224,7 +225,7 @@ def prepare(speed: SpeedPlan, model, train_data, pad_collator):
     if speed.liger:
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(model, liger_kernel_config(model))
+        apply_liger_kernel(model, speed.liger_options)
     speed.fused_layers = fused_lora.install(model) if speed.fused_lora else 0
     checkpoint_layers(base, speed.checkpointed, offload=speed.offload, compiled=speed.compile)
     if speed.offload_embeddings:

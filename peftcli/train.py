@@ -165,8 +165,9 @@ def training_arguments(plan: Plan, run: RunDir):
         eval_strategy="steps" if periodic_eval else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=None,
         bf16=cuda and plan.dtype == torch.bfloat16, fp16=cuda and plan.dtype == torch.float16,
-        use_liger_kernel=plan.speed.liger,  # speed.prepare applies checkpointing itself, layer by layer
-        liger_kernel_config=speed_mod.liger_kernel_config(plan.model) if plan.speed.liger else None,
+        # With use_liger_kernel the Trainer leaves out the logits in evaluation, and patches the model again
+        # (speed.prepare did) with the same options. speed.prepare applies checkpointing itself.
+        use_liger_kernel=plan.speed.liger, liger_kernel_config=plan.speed.liger_options,
         # The Trainer's NaN filter and token count make the host wait for the GPU after every micro-batch,
         # and the GPU then idles while the next step is prepared: faults.NonFiniteGuard and
         # progress.TokensSeen do both without waiting. Batches go to the GPU from page-locked memory
